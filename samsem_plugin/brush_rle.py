@@ -1,0 +1,314 @@
+"""Label Studio brush RLE: encode and decode ``(H, W) bool`` masks, vectorised with numpy.
+
+Label Studio stores a brush region as ``value.rle``: a list of byte values (ints 0..255) holding a
+`thi.ng rle-pack <https://github.com/thi-ng/umbrella/tree/develop/packages/rle-pack>`_ bit stream
+of the region's RGBA image, row-major, ``H * W * 4`` 8-bit words (``H, W`` = the image's natural
+size, ``original_height`` × ``original_width``).
+
+Bit stream (most significant bit first)::
+
+    header  32 bits  number of words (H * W * 4)
+             5 bits  word size - 1 (Label Studio: 7, i.e. 8-bit words)
+          4 x 4 bits run-length field sizes - 1 (Label Studio: 3, 4, 8, 16 bits)
+    tokens  1 bit    1 = repeat run (one word repeated), 0 = literal run (words follow)
+             2 bits  index of the run-length field size
+             n bits  run length - 1
+                     then one word (repeat) or run-length words (literal)
+    padding zero bits up to a whole byte
+
+:func:`rle_encode` produces exactly the bytes of the SDK's
+``label_studio_sdk.converter.brush.mask2rle(mask.astype(np.uint8) * 255)`` (including its quirks:
+every run of two or more words is a repeat token, runs longer than 65 536 words are split into
+65 536-word tokens from the front, and a whole zero byte is appended when the stream already ends
+on a byte boundary). :func:`rle_decode` reads any valid rle-pack stream with word sizes up to 8.
+
+Foreground rule (decoding): a pixel is foreground when its **alpha** (the 4th word of the pixel)
+is ``>= 128``. Label Studio draws brush strokes anti-aliased, so stroke edges carry partial alpha;
+128 (half coverage) is the natural cut. Label Studio renders a pixel with its alpha as opacity,
+so masks written with value 1 (e.g. ``mask2rle`` of a 0/1 mask) are nearly invisible there and
+decode as empty here; pass ``threshold=1`` to count every non-zero alpha as foreground (what the
+SDK's COCO export does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+_SDK_WORD_SIZE = 8
+_SDK_RUN_FIELD_SIZES = (3, 4, 8, 16)
+_HEADER_BITS = 32 + 5 + 4 * 4
+_MAX_WORDS = 2**32 - 1
+_LONGEST_TOKEN = 2**16  # words in one token with a 16-bit run-length field
+DEFAULT_ALPHA_THRESHOLD = 128
+
+
+# -- encoding ------------------------------------------------------------------------------------
+
+
+def _runs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Run lengths ``(R,) int64`` and run values ``(R,)`` of a non-empty 1-D bool array."""
+    starts = np.flatnonzero(values[1:] != values[:-1]) + 1
+    starts = np.concatenate(([0], starts))
+    lengths = np.diff(np.append(starts, values.size))
+    return lengths.astype(np.int64), values[starts]
+
+
+def _sdk_tokens(lengths: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Token codes and bit counts for runs of 8-bit words, following the SDK's ``encode_rle``.
+
+    Args:
+        lengths: ``(R,) int64`` run lengths in words, each >= 1.
+        values: ``(R,) uint8`` word value of each run.
+
+    Returns:
+        ``(codes, nbits)``: ``(T,) int64`` token bit patterns (right-aligned) and their widths.
+    """
+    # Runs over 65 536 words become several 16-bit tokens: full ones first, the remainder last.
+    tokens_per_run = np.where(lengths > 256, (lengths - 1) // _LONGEST_TOKEN + 1, 1)
+    run_of_token = np.repeat(np.arange(lengths.size), tokens_per_run)
+    first_token = np.cumsum(tokens_per_run) - tokens_per_run
+    is_last = np.arange(run_of_token.size) - first_token[run_of_token] == tokens_per_run[run_of_token] - 1
+    run_length = lengths[run_of_token]
+    token_length = np.where(
+        is_last, run_length - (tokens_per_run[run_of_token] - 1) * _LONGEST_TOKEN, _LONGEST_TOKEN
+    )
+    value = values[run_of_token].astype(np.int64)
+
+    # Size index by the *run* length (a short remainder of a long run still uses the 16-bit field).
+    size_index = np.select([run_length <= 8, run_length <= 16, run_length <= 256], [0, 1, 2], 3)
+    field_bits = np.asarray(_SDK_RUN_FIELD_SIZES, dtype=np.int64)[size_index]
+    is_repeat = (run_length > 1).astype(np.int64)
+    # A single word is a literal token "0 00 000 <word>", which is the same layout.
+    codes = (
+        (is_repeat << (2 + field_bits + _SDK_WORD_SIZE))
+        | (size_index << (field_bits + _SDK_WORD_SIZE))
+        | ((token_length - 1) << _SDK_WORD_SIZE)
+        | value
+    )
+    return codes, 3 + field_bits + _SDK_WORD_SIZE
+
+
+def _pack_codes(codes: np.ndarray, nbits: np.ndarray) -> np.ndarray:
+    """Concatenate right-aligned codes of ``nbits`` (each <= 33) MSB first, pad with >= 1 zero bit.
+
+    Returns ``(B,) uint8`` with ``B = total_bits // 8 + 1`` (the SDK always pads, a full zero byte
+    when the bits end on a byte boundary).
+    """
+    offsets = np.cumsum(nbits) - nbits
+    total_bits = int(offsets[-1] + nbits[-1])
+    n_bytes = total_bits // 8 + 1
+    first_byte = offsets >> 3
+    shift = offsets & 7
+    # Place each code in a 40-bit field starting at its first byte: bits [shift, shift + nbits).
+    placed = codes.astype(np.uint64) << (40 - shift - nbits).astype(np.uint64)
+    indices = np.concatenate([first_byte + k for k in range(5)])
+    byte_values = np.concatenate(
+        [((placed >> np.uint64(32 - 8 * k)) & np.uint64(0xFF)).astype(np.float64) for k in range(5)]
+    )
+    # Codes never share a bit, so summing the bytes equals OR-ing them (exact in float64).
+    packed = np.bincount(indices, weights=byte_values, minlength=n_bytes + 4)[:n_bytes]
+    return packed.astype(np.uint8)
+
+
+def _header_codes(n_words: int) -> tuple[list[int], list[int]]:
+    codes = [n_words >> 16, n_words & 0xFFFF, _SDK_WORD_SIZE - 1, *(s - 1 for s in _SDK_RUN_FIELD_SIZES)]
+    nbits = [16, 16, 5, 4, 4, 4, 4]
+    return codes, nbits
+
+
+def rle_encode(mask: np.ndarray) -> list[int]:
+    """Label Studio brush RLE of a ``(H, W) bool`` mask (foreground written as 255 in all 4 channels).
+
+    Byte-identical to ``label_studio_sdk.converter.brush.mask2rle(mask.astype(np.uint8) * 255)``.
+
+    Args:
+        mask: ``(H, W) bool``, row = y, column = x; ``H, W >= 1``.
+
+    Returns:
+        The RLE as a list of Python ints in 0..255 (JSON-ready ``value.rle``).
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask: expected shape (H, W), got {mask.shape}")
+    if mask.dtype != bool:
+        raise ValueError(f"mask: expected dtype bool, got {mask.dtype}")
+    if mask.size == 0:
+        raise ValueError(f"mask: expected H, W >= 1, got shape {mask.shape}")
+    n_words = mask.size * 4
+    if n_words > _MAX_WORDS:
+        raise ValueError(f"mask: at most {_MAX_WORDS // 4} pixels fit a brush RLE, got {mask.size}")
+    pixel_runs, pixel_values = _runs(mask.reshape(-1))
+    codes, nbits = _sdk_tokens(pixel_runs * 4, pixel_values.astype(np.uint8) * np.uint8(255))
+    header_codes, header_bits = _header_codes(n_words)
+    all_codes = np.concatenate((np.asarray(header_codes, dtype=np.int64), codes))
+    all_bits = np.concatenate((np.asarray(header_bits, dtype=np.int64), nbits))
+    return _pack_codes(all_codes, all_bits).tolist()
+
+
+# -- decoding ------------------------------------------------------------------------------------
+
+
+def _as_bytes(rle: Sequence[int] | bytes | np.ndarray) -> np.ndarray:
+    """``(B,) uint8`` from a list of ints 0..255 (or bytes); ValueError for anything else."""
+    if isinstance(rle, (bytes, bytearray, memoryview)):
+        return np.frombuffer(bytes(rle), dtype=np.uint8)
+    if isinstance(rle, str) or not isinstance(rle, (Sequence, np.ndarray)):
+        raise ValueError(f"rle: expected a list of ints 0..255, got {type(rle).__name__}")
+    try:
+        array = np.asarray(rle)
+    except ValueError as error:  # ragged nested lists
+        raise ValueError(f"rle: expected a flat list of ints 0..255 ({error})") from None
+    if array.ndim != 1:
+        raise ValueError(f"rle: expected a flat list of ints 0..255, got shape {array.shape}")
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        if array.dtype == object or not np.issubdtype(array.dtype, np.number):
+            raise ValueError(f"rle: expected ints 0..255, got elements of dtype {array.dtype}")
+        if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
+            raise ValueError("rle: expected ints 0..255, got non-integer numbers")
+    if array.size and (array.min() < 0 or array.max() > 255):
+        raise ValueError(f"rle: expected ints 0..255, got values in {array.min()}..{array.max()}")
+    return array.astype(np.uint8)
+
+
+def _read_header(data: np.ndarray) -> tuple[int, int, tuple[int, int, int, int]]:
+    if data.size * 8 < _HEADER_BITS:
+        raise ValueError(f"rle: truncated: {data.size} bytes, a header alone needs 7")
+    head = int.from_bytes(data[:7].tobytes(), "big") >> (56 - _HEADER_BITS)
+    n_words = head >> 21
+    word_size = ((head >> 16) & 0x1F) + 1
+    a, b, c, d = (((head >> (12 - 4 * k)) & 0xF) + 1 for k in range(4))
+    return n_words, word_size, (a, b, c, d)
+
+
+def _parse_tokens(
+    data: np.ndarray, n_words: int, word_size: int, field_sizes: tuple[int, ...]
+) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Walk the token stream once (one Python step per token; literal words are skipped over).
+
+    Returns lists ``(is_repeat, count, payload_bit, repeat_value)`` per token, where
+    ``payload_bit`` is the bit offset of the token's first word.
+    """
+    n_bits = data.size * 8
+    padded = np.concatenate((data, np.zeros(8, np.uint8)))
+    # Big-endian 64-bit window starting at every byte: a token header plus one word fits in it.
+    windows = np.lib.stride_tricks.sliding_window_view(padded, 8)[: data.size].copy()
+    window_at = windows.view(">u8").reshape(-1).tolist()
+    word_mask = (1 << word_size) - 1
+    field_masks = [(1 << s) - 1 for s in field_sizes]
+    is_repeat: list[int] = []
+    counts: list[int] = []
+    payload_bits: list[int] = []
+    repeat_values: list[int] = []
+    position = _HEADER_BITS
+    produced = 0
+    while produced < n_words:
+        if position + 3 > n_bits:
+            raise ValueError(f"rle: truncated: stream ends after {produced} of {n_words} values")
+        window = window_at[position >> 3]
+        free = 64 - (position & 7)  # bits of the window from `position` on
+        head = (window >> (free - 3)) & 7
+        field = field_sizes[head & 3]
+        count = ((window >> (free - 3 - field)) & field_masks[head & 3]) + 1
+        payload = position + 3 + field
+        if head >> 2:
+            value = (window >> (free - 3 - field - word_size)) & word_mask
+            position = payload + word_size
+        else:
+            value = 0
+            position = payload + count * word_size
+        if position > n_bits:
+            raise ValueError(f"rle: truncated: stream ends after {produced} of {n_words} values")
+        produced += count
+        if produced > n_words:
+            raise ValueError(f"rle: corrupt: runs hold more than the declared {n_words} values")
+        is_repeat.append(head >> 2)
+        counts.append(count)
+        payload_bits.append(payload)
+        repeat_values.append(value)
+    return is_repeat, counts, payload_bits, repeat_values
+
+
+def _read_words(data: np.ndarray, bit_offsets: np.ndarray, word_size: int) -> np.ndarray:
+    """Words of ``word_size`` bits (<= 8) at the given bit offsets, ``uint8``."""
+    padded = np.concatenate((data, np.zeros(2, np.uint8))).astype(np.uint16)
+    first = bit_offsets >> 3
+    pair = (padded[first] << 8) | padded[first + 1]
+    shift = (16 - word_size - (bit_offsets & 7)).astype(np.uint16)
+    return ((pair >> shift) & ((1 << word_size) - 1)).astype(np.uint8)
+
+
+def decode_words(rle: Sequence[int] | bytes | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Decode an rle-pack stream into runs: ``(values (R,) uint8, lengths (R,) int64)``.
+
+    ``np.repeat(values, lengths)`` is the full word array (what ``brush.decode_rle`` returns).
+    Raises ValueError for malformed input (not ints 0..255, truncated, overlong runs, word size > 8).
+    """
+    data = _as_bytes(rle)
+    n_words, word_size, field_sizes = _read_header(data)
+    if word_size > 8:
+        raise ValueError(f"rle: expected word size <= 8 bits, got {word_size}")
+    if n_words == 0:
+        return np.zeros(0, np.uint8), np.zeros(0, np.int64)
+    is_repeat, counts, payload_bits, repeat_values = _parse_tokens(data, n_words, word_size, field_sizes)
+    repeat = np.asarray(is_repeat, dtype=bool)
+    count = np.asarray(counts, dtype=np.int64)
+    payload = np.asarray(payload_bits, dtype=np.int64)
+    # Every repeat token is one run; a literal token of c words is c runs of one word.
+    runs_per_token = np.where(repeat, 1, count)
+    token_of_run = np.repeat(np.arange(count.size), runs_per_token)
+    index_in_token = np.arange(token_of_run.size) - (np.cumsum(runs_per_token) - runs_per_token)[token_of_run]
+    values = np.asarray(repeat_values, dtype=np.uint8)[token_of_run]
+    literal = ~repeat[token_of_run]
+    if literal.any():
+        offsets = payload[token_of_run[literal]] + index_in_token[literal] * word_size
+        values[literal] = _read_words(data, offsets, word_size)
+    lengths = np.where(literal, 1, count[token_of_run])
+    return values, lengths
+
+
+def _alpha_runs(rle: Sequence[int] | bytes | np.ndarray, height: int, width: int) -> tuple[np.ndarray, ...]:
+    """Alpha values and their pixel run lengths for an ``height`` x ``width`` brush RLE."""
+    if int(height) < 1 or int(width) < 1:
+        raise ValueError(f"size: expected height, width >= 1, got {height} x {width}")
+    values, lengths = decode_words(rle)
+    expected = int(height) * int(width) * 4
+    total = int(lengths.sum())
+    if total != expected:
+        raise ValueError(
+            f"rle: size mismatch: it holds {total} values, expected {height} x {width} x 4 = {expected}"
+        )
+    # Word k is channel k % 4 of pixel k // 4; pixel i's alpha is word 4 i + 3. A run of words
+    # [start, end) covers the alphas of pixels ceil((start - 3) / 4) = start // 4 up to
+    # ceil((end - 3) / 4) - 1 = end // 4 - 1.
+    ends = np.cumsum(lengths)
+    return values, ends // 4 - (ends - lengths) // 4
+
+
+def rle_decode_alpha(rle: Sequence[int] | bytes | np.ndarray, height: int, width: int) -> np.ndarray:
+    """The alpha channel of a brush RLE, ``(H, W) uint8`` (``decode_rle(rle).reshape(H, W, 4)[..., 3]``)."""
+    values, pixel_counts = _alpha_runs(rle, height, width)
+    return np.repeat(values, pixel_counts).reshape(int(height), int(width))
+
+
+def rle_decode(
+    rle: Sequence[int] | bytes | np.ndarray,
+    height: int,
+    width: int,
+    *,
+    threshold: int = DEFAULT_ALPHA_THRESHOLD,
+) -> np.ndarray:
+    """Decode a Label Studio brush RLE into a ``(height, width) bool`` mask.
+
+    Args:
+        rle: ``value.rle`` of a brush result: ints 0..255 (list, bytes or ``uint8`` array).
+        height, width: the region's ``original_height`` / ``original_width`` in pixels.
+        threshold: foreground where alpha ``>= threshold`` (default 128, see the module docstring).
+
+    Raises:
+        ValueError: not a list of bytes, truncated or corrupt stream, or a stream whose length is
+            not ``height * width * 4`` (naming both sizes).
+    """
+    values, pixel_counts = _alpha_runs(rle, height, width)
+    return np.repeat(values >= threshold, pixel_counts).reshape(int(height), int(width))

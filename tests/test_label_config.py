@@ -1,0 +1,140 @@
+"""Label config parsing: output and smart controls, Labels + tool variants, errors, caching."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from samsem_plugin import label_config
+from samsem_plugin.label_config import ControlSpec, parse_label_config
+
+FIXTURES = Path("/work/shared/fixtures/label-studio")
+FIXTURE_CONFIG = json.loads((FIXTURES / "setup.json").read_text())["schema"]
+
+
+def test_fixture_config_controls():
+    config = parse_label_config(FIXTURE_CONFIG)
+    spec = {c.name: c for c in config.controls}
+    assert spec["brush"] == ControlSpec("brush", "BrushLabels", "image", ("Cat", "Dog"), False, "image")
+    assert spec["rect"] == ControlSpec("rect", "RectangleLabels", "image", ("Cat", "Dog"), True, "image")
+    assert spec["poly"] == ControlSpec("poly", "PolygonLabels", "image", ("Cat", "Dog"), False, "image")
+    assert spec["kp"] == ControlSpec("kp", "KeyPointLabels", "image", ("Cat", "Dog"), True, "image")
+    assert [c.name for c in config.output_controls] == ["brush", "rect", "poly"]
+    assert [c.name for c in config.smart_controls] == ["rect", "kp"]
+    assert config.image_keys == ("image",)
+    assert config.labels_of("kp") == ("Cat", "Dog")
+    assert spec["brush"].result_type == "brushlabels"
+
+
+def test_all_fixture_payload_configs_parse_the_same():
+    texts = set()
+    for name in ("predict_batch_1.json", "predict_interactive.json"):
+        texts.add(json.loads((FIXTURES / name).read_text())["label_config"])
+    webhook = json.loads((FIXTURES / "webhook_annotation_created_brush.json").read_text())
+    texts.add(webhook["project"]["label_config"])
+    for text in texts:
+        assert {c.name for c in parse_label_config(text).output_controls} >= {"brush"}
+
+
+def test_control_for_matches_name_and_result_type():
+    config = parse_label_config(FIXTURE_CONFIG)
+    assert config.control_for("rect", "RectangleLabels").name == "rect"
+    assert config.control_for("rect", "brushlabels") is None
+    assert config.control_for("missing") is None
+    with pytest.raises(ValueError, match="control 'missing' not in the label config"):
+        config.labels_of("missing")
+
+
+def test_labels_with_tools_become_labelled_variants():
+    xml = """<View>
+      <Image name="img" value="$url"/>
+      <Labels name="tag" toName="img"><Label value="Car"/><Label value="Tree" alias="tree-alias"/></Labels>
+      <Brush name="br" toName="img"/>
+      <Polygon name="pg" toName="img"/>
+      <KeyPoint name="kp" toName="img" smart="true"/>
+    </View>"""
+    config = parse_label_config(xml)
+    by_type = {c.type: c for c in config.controls if c.name == "tag"}
+    assert set(by_type) == {"BrushLabels", "PolygonLabels", "KeyPointLabels"}
+    assert by_type["BrushLabels"].labels == ("Car", "tree-alias")
+    assert by_type["BrushLabels"].to_name == "img" and by_type["BrushLabels"].image_value_key == "url"
+    assert all(c.via_labels for c in by_type.values())
+    assert not any(c.via_labels for c in parse_label_config(FIXTURE_CONFIG).controls)
+    assert {c.type for c in config.output_controls} == {"BrushLabels", "PolygonLabels"}
+    assert [(c.name, c.type) for c in config.smart_controls] == [("tag", "KeyPointLabels")]
+    assert config.control_for("tag", "polygonlabels").type == "PolygonLabels"
+
+
+def test_labels_pair_only_with_tools_on_the_same_image():
+    xml = """<View>
+      <Image name="a" value="$first"/><Image name="b" value="$second"/>
+      <Labels name="tag" toName="a"><Label value="X"/></Labels>
+      <Polygon name="pg" toName="a"/>
+      <Brush name="br" toName="b"/>
+    </View>"""
+    config = parse_label_config(xml)
+    assert [(c.name, c.type, c.to_name) for c in config.output_controls] == [("tag", "PolygonLabels", "a")]
+
+
+def test_smart_only_and_several_images():
+    xml = """<View>
+      <Image name="a" value="$first"/><Image name="b" value="$second"/>
+      <RectangleLabels name="r" toName="b" smartOnly="true"><Label value="X"/></RectangleLabels>
+      <BrushLabels name="m" toName="a"><Label value="X"/></BrushLabels>
+    </View>"""
+    config = parse_label_config(xml)
+    assert config.image_keys == ("first", "second")
+    r = config.control_for("r")
+    assert r.smart and r.to_name == "b" and r.image_value_key == "second"
+    assert config.control_for("m").image_value_key == "first"
+
+
+@pytest.mark.parametrize(
+    ("xml", "message"),
+    [
+        ("<View><Image name='i' value='$x'", "invalid XML"),
+        ("", "empty string"),
+        ("   ", "empty string"),
+        (
+            "<View><Text name='t' value='$t'/><Labels name='l' toName='t'><Label value='A'/></Labels></View>",
+            "no <Image> tag",
+        ),
+        (
+            "<View><Image name='i' value='http://x/a.png'/>"
+            "<BrushLabels name='b' toName='i'><Label value='A'/></BrushLabels></View>",
+            "no <Image> tag",
+        ),
+        (
+            "<View><Image name='i' value='$x'/><KeyPointLabels name='k' toName='i'>"
+            "<Label value='A'/></KeyPointLabels></View>",
+            "no supported control.*k:KeyPointLabels",
+        ),
+        (
+            "<View><Image name='i' value='$x'/><BrushLabels name='b' toName='elsewhere'>"
+            "<Label value='A'/></BrushLabels></View>",
+            "no supported control",
+        ),
+        ("<View><Image name='i' value='$x'/></View>", "no supported control.*none"),
+    ],
+)
+def test_errors_name_the_problem(xml, message):
+    with pytest.raises(ValueError, match=message):
+        parse_label_config(xml)
+
+
+def test_non_string_config_is_rejected():
+    with pytest.raises(ValueError, match="expected XML text, got bytes"):
+        parse_label_config(FIXTURE_CONFIG.encode())
+
+
+def test_parsed_configs_are_cached_and_the_cache_is_bounded():
+    first = parse_label_config(FIXTURE_CONFIG)
+    assert parse_label_config(FIXTURE_CONFIG) is first
+    template = (
+        "<View><Image name='i' value='$x'/>"
+        "<BrushLabels name='b{}' toName='i'><Label value='A'/></BrushLabels></View>"
+    )
+    for i in range(label_config._CACHE_SIZE + 10):
+        parse_label_config(template.format(i))
+    info = label_config._parse_cached.cache_info()
+    assert info.currsize == info.maxsize == label_config._CACHE_SIZE
