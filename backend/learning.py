@@ -1,0 +1,403 @@
+"""Label Studio webhooks → learning jobs → exemplars in the project's memory.
+
+:func:`parse_webhook` turns a webhook body into queued :class:`~backend.jobs.Job` records (fast,
+in the request); :class:`LearningHandler` runs them in the background queue:
+
+* ``ANNOTATION_CREATED`` / ``ANNOTATION_UPDATED`` (and each item of the bulk
+  ``ANNOTATIONS_CREATED``) → job ``"annotation"``: the annotation's exemplars are *replaced* by
+  what it holds now (regions rasterised, corrections planned against the prediction we served,
+  masks embedded in one batch). A cancelled (skipped) annotation removes its exemplars and teaches
+  nothing.
+* ``ANNOTATIONS_DELETED`` (plural, Label Studio's real action) and ``ANNOTATION_DELETED`` → job
+  ``"delete"``: the annotations' exemplars are removed.
+* ``START_TRAINING`` → job ``"train"``: every annotated task of the project is read through the
+  Label Studio API (paged, progress logged) and the memory is replaced atomically at the end.
+* anything else → no job (acknowledged as ``"ignored"``).
+
+Idempotence and ordering: per annotation the ``updated_at`` last learnt is kept in the store's
+project metadata (key ``"learnt/<space>/<annotation id>"``, value the timestamp or ``"deleted"``);
+an event older than (or as old as) what was learnt is skipped, and a deleted annotation is never
+resurrected by a late event (Label Studio never reuses annotation ids). So replayed and
+out-of-order events leave memory = f(current annotations).
+
+Which regions are learnt: brush / polygon / rectangle results of the config's output controls.
+Regions of a *smart* control (e.g. the rectangle drawn to prompt SAM) are learnt only when the
+config has no other output control (the smart rectangle is then the annotation itself). The
+served prediction is read only when its ``model_version`` is ours (starts with ``"samsem"``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from backend.jobs import Job
+from backend.runtime import MODEL_VERSION_PREFIX
+from samsem_plugin.label_config import ProjectConfig
+from samsem_plugin.ls_format import results_to_annotated, results_to_served
+from samsem_plugin.memory import Exemplar
+
+if TYPE_CHECKING:
+    from backend.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+KIND_ANNOTATION = "annotation"
+KIND_DELETE = "delete"
+KIND_TRAIN = "train"
+
+ANNOTATION_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
+BULK_CREATED_ACTION = "ANNOTATIONS_CREATED"
+DELETE_ACTIONS = ("ANNOTATIONS_DELETED", "ANNOTATION_DELETED")
+TRAIN_ACTION = "START_TRAINING"
+
+DELETED = "deleted"
+"""Tombstone stored for a deleted annotation."""
+TRAIN_PAGE_SIZE = 100
+TRAIN_PROGRESS_EVERY = 25
+
+
+class LearningError(RuntimeError):
+    """A learning job cannot run (missing configuration or task data); the message says why."""
+
+
+@dataclass(frozen=True)
+class WebhookEvent:
+    """What one webhook body asks for.
+
+    Attributes:
+        action: the webhook ``action``.
+        project: project id (string), or ``None`` when the body names none.
+        label_config: the project's label config if the body carries it, else ``None``.
+        jobs: learning jobs to queue (empty: nothing to learn, the event is acknowledged only).
+    """
+
+    action: str
+    project: str | None
+    label_config: str | None
+    jobs: tuple[Job, ...]
+
+
+def _id_of(record: Any, what: str) -> str:
+    if isinstance(record, Mapping):
+        record = record.get("id")
+    if isinstance(record, bool) or not isinstance(record, (int, str)) or str(record).strip() == "":
+        raise ValueError(f"{what}: expected an object with an integer or string 'id', got {record!r}")
+    return str(record).strip()
+
+
+def _webhook_project(body: Mapping[str, Any]) -> str | None:
+    project = body.get("project")
+    if isinstance(project, Mapping):
+        project = project.get("id")
+    if project is None:
+        for key in ("annotation", "task"):
+            record = body.get(key)
+            if isinstance(record, Mapping) and record.get("project") is not None:
+                project = record["project"]
+                break
+    if project is None:
+        return None
+    return _id_of(project, "project")
+
+
+def parse_webhook(body: Mapping[str, Any]) -> WebhookEvent:
+    """Read a webhook body into a :class:`WebhookEvent` (see module docstring for the actions).
+
+    Raises:
+        ValueError: no ``action``, or a learning action whose body lacks what it needs (project,
+            annotation id); the message names the missing field.
+    """
+    action = body.get("action")
+    if not isinstance(action, str) or not action:
+        raise ValueError(f"action: expected a webhook action string, got {action!r}")
+    project = _webhook_project(body)
+    project_record = body.get("project")
+    label_config = project_record.get("label_config") if isinstance(project_record, Mapping) else None
+    label_config = label_config if isinstance(label_config, str) and label_config.strip() else None
+    jobs = _jobs_for(action, project, body)
+    if jobs and project is None:
+        raise ValueError(f"{action}: expected 'project' (object with 'id') in the webhook body")
+    return WebhookEvent(action=action, project=project, label_config=label_config, jobs=tuple(jobs))
+
+
+def _annotation_job(action: str, project: str | None, annotation: Any, task: Any) -> Job:
+    annotation_id = _id_of(annotation, "annotation")
+    if not isinstance(annotation, Mapping):
+        raise ValueError(f"{action}: expected 'annotation' to be an object, got {annotation!r}")
+    payload = {"annotation": dict(annotation), "task": dict(task) if isinstance(task, Mapping) else None}
+    return _job(KIND_ANNOTATION, project, payload, f"{action} project={project} annotation={annotation_id}")
+
+
+def _job(kind: str, project: str | None, payload: dict, key: str) -> Job:
+    return Job(kind=kind, project=project or "", payload=payload, received_at=time.time(), key=key)
+
+
+def _jobs_for(action: str, project: str | None, body: Mapping[str, Any]) -> list[Job]:
+    if action in ANNOTATION_ACTIONS:
+        return [_annotation_job(action, project, body.get("annotation"), body.get("task"))]
+    if action == BULK_CREATED_ACTION:
+        annotations = body.get("annotations")
+        if not isinstance(annotations, list):
+            raise ValueError(f"{action}: expected 'annotations' to be a list, got {annotations!r}")
+        tasks = {str(t.get("id")): t for t in body.get("tasks") or [] if isinstance(t, Mapping)}
+        return [
+            _annotation_job(
+                action, project, item, tasks.get(str(item.get("task"))) if isinstance(item, Mapping) else None
+            )
+            for item in annotations
+        ]
+    if action in DELETE_ACTIONS:
+        records = body.get("annotations")
+        if records is None and body.get("annotation") is not None:
+            records = [body["annotation"]]
+        if not isinstance(records, list):
+            raise ValueError(
+                f"{action}: expected 'annotations' to be a list of {{'id': ...}}, got {records!r}"
+            )
+        ids = [_id_of(record, f"{action} annotations[{i}]") for i, record in enumerate(records)]
+        key = f"{action} project={project} annotations={','.join(ids)}"
+        return [_job(KIND_DELETE, project, {"annotations": ids}, key)]
+    if action == TRAIN_ACTION:
+        return [_job(KIND_TRAIN, project, {}, f"{action} project={project}")]
+    return []
+
+
+# -- timestamps ------------------------------------------------------------------------------
+
+
+def _timestamp(value: Any) -> datetime | None:
+    """``updated_at`` (ISO 8601, ``Z`` allowed) as an aware datetime, or None if absent/unparsable."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=datetime.now().astimezone().tzinfo)
+
+
+def is_stale(event_updated_at: Any, learnt: Any) -> bool:
+    """True when an event with ``event_updated_at`` must be skipped, given what was ``learnt``.
+
+    Skipped: the annotation was deleted; or both timestamps are known and the event is not newer.
+    """
+    if learnt == DELETED:
+        return True
+    event_time, learnt_time = _timestamp(event_updated_at), _timestamp(learnt)
+    return event_time is not None and learnt_time is not None and event_time <= learnt_time
+
+
+# -- the handler -----------------------------------------------------------------------------
+
+
+class LearningHandler:
+    """Runs learning jobs against a :class:`~backend.runtime.Runtime` (called by the queue)."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        page_size: int = TRAIN_PAGE_SIZE,
+        progress_every: int = TRAIN_PROGRESS_EVERY,
+    ) -> None:
+        self.runtime = runtime
+        self.page_size = int(page_size)
+        self.progress_every = int(progress_every)
+
+    def __call__(self, job: Job) -> None:
+        if job.kind == KIND_ANNOTATION:
+            self.learn_annotation(job.project, job.payload["annotation"], job.payload.get("task"))
+        elif job.kind == KIND_DELETE:
+            self.forget(job.project, job.payload["annotations"])
+        elif job.kind == KIND_TRAIN:
+            self.rebuild(job.project)
+        else:
+            raise ValueError(f"job {job.key}: unknown kind {job.kind!r}")
+        self.runtime.refresh_exemplar_metrics(job.project)
+
+    # -- state per annotation ----------------------------------------------------------------
+
+    def _state_key(self, annotation_id: str) -> str:
+        return f"learnt/{self.runtime.space}/{annotation_id}"
+
+    def _learnt(self, project: str, annotation_id: str) -> Any:
+        return self.runtime.store.get_meta(project, self._state_key(annotation_id))
+
+    def _mark(self, project: str, annotation_id: str, state: Any) -> None:
+        if state is not None:
+            self.runtime.store.set_meta(project, self._state_key(annotation_id), state)
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    def learn_annotation(
+        self, project: str, annotation: Mapping[str, Any], task: Mapping[str, Any] | None
+    ) -> None:
+        """Replace the annotation's exemplars by what it holds now (see module docstring)."""
+        annotation_id = _id_of(annotation, "annotation")
+        updated_at = annotation.get("updated_at")
+        learnt = self._learnt(project, annotation_id)
+        if is_stale(updated_at, learnt):
+            logger.info(
+                "project %s annotation %s: event (updated_at %s) not newer than learnt (%s), skipped",
+                project,
+                annotation_id,
+                updated_at,
+                learnt,
+            )
+            return
+        memory = self.runtime.memory(project)
+        if annotation.get("was_cancelled"):
+            removed = memory.remove_annotation(annotation_id)
+            logger.info(
+                "project %s annotation %s: cancelled, %d exemplars removed", project, annotation_id, removed
+            )
+        else:
+            task = self._task_of(project, annotation, task)
+            exemplars = self.exemplars_of(project, annotation, task)
+            changed = memory.replace_annotation(str(task["id"]), annotation_id, exemplars)
+            logger.info(
+                "project %s annotation %s: %d exemplars stored (%s)",
+                project,
+                annotation_id,
+                len(exemplars),
+                "changed" if changed else "unchanged",
+            )
+        self._mark(project, annotation_id, updated_at)
+
+    def forget(self, project: str, annotation_ids: Sequence[str]) -> None:
+        """Remove the exemplars of deleted annotations and keep a tombstone for each."""
+        memory = self.runtime.memory(project)
+        for annotation_id in annotation_ids:
+            removed = memory.remove_annotation(str(annotation_id))
+            self._mark(project, str(annotation_id), DELETED)
+            logger.info(
+                "project %s annotation %s: deleted, %d exemplars removed", project, annotation_id, removed
+            )
+
+    def rebuild(self, project: str) -> None:
+        """Rebuild the project's memory from every annotated task in Label Studio (atomic)."""
+        if self.runtime.fetcher.auth.base_url is None:
+            raise LearningError(
+                "START_TRAINING: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY so samsem can read the "
+                "project's annotations from Label Studio"
+            )
+        started = time.monotonic()
+        collected: dict[tuple[str, str], list[Exemplar]] = {}
+        states: dict[str, Any] = {}
+        tasks_seen = 0
+        for task in self._annotated_tasks(project):
+            tasks_seen += 1
+            for annotation in self._annotations_of(task):
+                if annotation.get("was_cancelled"):
+                    continue
+                annotation_id = _id_of(annotation, "annotation")
+                collected[(str(task["id"]), annotation_id)] = self.exemplars_of(project, annotation, task)
+                states[annotation_id] = annotation.get("updated_at")
+            if tasks_seen % self.progress_every == 0:
+                logger.info("project %s training: %d annotated tasks read so far", project, tasks_seen)
+        changed = self.runtime.memory(project).replace_all(collected)
+        for annotation_id, updated_at in states.items():
+            self._mark(project, annotation_id, updated_at)
+        count = sum(len(exemplars) for exemplars in collected.values())
+        logger.info(
+            "project %s training done: %d tasks, %d annotations, %d exemplars in %.1f s (%s)",
+            project,
+            tasks_seen,
+            len(collected),
+            count,
+            time.monotonic() - started,
+            "changed" if changed else "unchanged",
+        )
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def exemplars_of(
+        self, project: str, annotation: Mapping[str, Any], task: Mapping[str, Any]
+    ) -> list[Exemplar]:
+        """Exemplars of one (not cancelled) annotation of ``task``; ``[]`` when it has no regions."""
+        config = self._config(project)
+        results = annotation.get("result") or []
+        prediction = annotation.get("prediction")
+        served_results: list = []
+        if isinstance(prediction, Mapping) and str(prediction.get("model_version", "")).startswith(
+            MODEL_VERSION_PREFIX
+        ):
+            served_results = prediction.get("result") or []
+        if not results and not served_results:
+            return []
+        if not isinstance(results, list) or not isinstance(served_results, list):
+            raise LearningError(f"annotation {annotation.get('id')}: expected 'result' lists")
+        image = self.runtime.task_image(task, config)
+        height, width = image.shape[:2]
+        annotated = [
+            region
+            for region in results_to_annotated(results, height, width, config)
+            if region.control in learnable_controls(config)
+        ]
+        served = results_to_served(served_results, height, width, config)
+        return self.runtime.pipeline.plan_learning(
+            image, annotated, served, str(task["id"]), _id_of(annotation, "annotation")
+        )
+
+    def _config(self, project: str) -> ProjectConfig:
+        config = self.runtime.label_config(project)
+        if config is None:
+            raise LearningError(
+                f"project {project}: no label config known yet (it arrives with /setup, /predict or "
+                "the webhook's project)"
+            )
+        return config
+
+    def _task_of(
+        self, project: str, annotation: Mapping[str, Any], task: Mapping[str, Any] | None
+    ) -> Mapping[str, Any]:
+        if isinstance(task, Mapping) and isinstance(task.get("data"), Mapping) and task.get("id") is not None:
+            return task
+        task_id = annotation.get("task")
+        if task_id is None:
+            raise LearningError(f"annotation {annotation.get('id')}: no task in the webhook body")
+        if self.runtime.fetcher.auth.base_url is None:
+            raise LearningError(
+                f"annotation {annotation.get('id')}: the webhook has no task data and "
+                "LABEL_STUDIO_URL is not set"
+            )
+        return self.runtime.fetcher.get_json(f"/api/tasks/{int(task_id)}/")
+
+    def _annotated_tasks(self, project: str):
+        """Tasks of ``project`` that have annotations, page by page from ``/api/tasks/``."""
+        page = 1
+        seen = 0
+        while True:
+            answer = self.runtime.fetcher.get_json(
+                "/api/tasks/",
+                {"project": project, "page": page, "page_size": self.page_size, "fields": "all"},
+            )
+            tasks = answer.get("tasks", []) if isinstance(answer, Mapping) else answer
+            if not isinstance(tasks, list):
+                raise LearningError(f"/api/tasks/ page {page}: expected a list of tasks")
+            for task in tasks:
+                if isinstance(task, Mapping) and (task.get("annotations") or task.get("total_annotations")):
+                    yield task
+            seen += len(tasks)
+            total = answer.get("total") if isinstance(answer, Mapping) else None
+            if len(tasks) < self.page_size or (isinstance(total, int) and seen >= total):
+                return
+            page += 1
+
+    def _annotations_of(self, task: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+        annotations = task.get("annotations")
+        if isinstance(annotations, list) and all(isinstance(a, Mapping) for a in annotations):
+            return annotations
+        answer = self.runtime.fetcher.get_json(f"/api/tasks/{int(task['id'])}/annotations/")
+        return [a for a in answer if isinstance(a, Mapping)] if isinstance(answer, list) else []
+
+
+def learnable_controls(config: ProjectConfig) -> set[str]:
+    """Names of the output controls whose regions are learnt (see module docstring)."""
+    plain = {control.name for control in config.output_controls if not control.smart}
+    return plain or {control.name for control in config.output_controls}
