@@ -1,0 +1,315 @@
+"""samsem_plugin.proposer on the tiny SAM: embedding cache, prompt masks, automatic masks equal to
+segment-anything's own ``SamAutomaticMaskGenerator``, validation and thread-safety."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from segment_anything import SamAutomaticMaskGenerator, SamPredictor
+
+from samsem_plugin.cache import image_key
+from samsem_plugin.prompts import Prompt
+from samsem_plugin.proposer import AutoMaskSettings, SamProposer
+from samsem_plugin.regions import boxes_from_masks
+from samsem_plugin.sam_models import build_tiny_sam
+from tests.test_sam_models import one_torch_thread, photo  # noqa: F401 (autouse fixture)
+
+H, W = 96, 128
+
+
+@pytest.fixture(scope="module")
+def sam():
+    return build_tiny_sam()
+
+
+@pytest.fixture(scope="module")
+def astronaut():
+    return photo("astronaut")
+
+
+@pytest.fixture(scope="module")
+def coffee():
+    return photo("coffee")
+
+
+@pytest.fixture
+def proposer(sam):
+    return SamProposer(sam)
+
+
+def click(x: float, y: float, positive: bool = True) -> Prompt:
+    return Prompt(points=[[x, y]], point_labels=[int(positive)])
+
+
+def reference(sam, image, prompt: Prompt, multimask: bool = True):
+    """SamPredictor's answer for the same prompt."""
+    predictor = SamPredictor(sam)
+    predictor.set_image(image)
+    return predictor.predict(
+        point_coords=prompt.points if len(prompt.points) else None,
+        point_labels=prompt.point_labels if len(prompt.points) else None,
+        box=prompt.box,
+        multimask_output=multimask,
+    )
+
+
+def match_ious(masks: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """``(N, M)`` IoU matrix of two mask stacks."""
+    a = masks.reshape(len(masks), -1).astype(np.float64)
+    b = other.reshape(len(other), -1).astype(np.float64)
+    inter = a @ b.T
+    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+# -- settings ------------------------------------------------------------------------------------
+
+
+def test_auto_mask_settings_default_to_sams_values():
+    assert AutoMaskSettings() == AutoMaskSettings(32, 64, 0.88, 0.95, 1.0, 0.7, 0)
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("points_per_side", 0, "an integer >= 1"),
+        ("points_per_side", 4.0, "an integer"),
+        ("points_per_batch", -1, "an integer >= 1"),
+        ("pred_iou_thresh", 1.5, r"a number in \[0, 1\]"),
+        ("stability_score_thresh", -0.1, r"a number in \[0, 1\]"),
+        ("stability_score_offset", 0.0, "a number > 0"),
+        ("box_nms_thresh", 0.0, r"a number in \(0, 1\]"),
+        ("min_mask_region_area", -5, "an integer >= 0"),
+        ("min_mask_region_area", True, "an integer"),
+    ],
+)
+def test_auto_mask_settings_reject_bad_values_saying_what_was_expected(field, value, expected):
+    with pytest.raises(ValueError, match=f"{field}: expected {expected}, got {value!r}"):
+        AutoMaskSettings(**{field: value})
+
+
+# -- prompts -------------------------------------------------------------------------------------
+
+
+def test_prompt_gives_three_levels_equal_to_sam_predictor(proposer, sam, astronaut):
+    prompt = click(30.5, 40.25)
+    regions = proposer.predict_prompt(astronaut, prompt)
+    masks, scores, low_res = reference(sam, astronaut, prompt)
+    assert regions.image_size == (H, W) and regions.masks.shape == (3, H, W)
+    np.testing.assert_array_equal(regions.masks, masks)
+    np.testing.assert_allclose(regions.extra["predicted_iou"], scores, rtol=1e-6)
+    np.testing.assert_allclose(regions.proposal_score, np.clip(scores, 0, 1), rtol=1e-6)
+    np.testing.assert_allclose(regions.extra["low_res_logits"], low_res, rtol=1e-5, atol=1e-4)
+    assert regions.ids.tolist() == ["level0", "level1", "level2"]
+    assert regions.extra["level"].tolist() == [0, 1, 2]
+    np.testing.assert_array_equal(regions.boxes, boxes_from_masks(masks))
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        Prompt(points=np.zeros((0, 2)), point_labels=[], box=[10, 20, 70, 80]),
+        Prompt(points=[[40, 50], [100, 20]], point_labels=[1, 0], box=[10, 20, 70, 80]),
+        Prompt(points=[[40, 50], [100, 20], [5, 5]], point_labels=[1, 1, 0]),
+    ],
+    ids=["box", "points+box", "three-points"],
+)
+def test_boxes_and_several_points_combine_into_one_prompt(proposer, sam, astronaut, prompt):
+    regions = proposer.predict_prompt(astronaut, prompt)
+    masks, _, _ = reference(sam, astronaut, prompt)
+    np.testing.assert_array_equal(regions.masks, masks)
+
+
+def test_single_mask_output(proposer, sam, astronaut):
+    prompt = click(64, 48)
+    regions = proposer.predict_prompt(astronaut, prompt, multimask=False)
+    masks, _, _ = reference(sam, astronaut, prompt, multimask=False)
+    assert regions.ids.tolist() == ["single"] and regions.extra["level"].tolist() == [-1]
+    np.testing.assert_array_equal(regions.masks, masks)
+
+
+def test_clicks_reuse_the_cached_embedding_by_image_content(proposer, astronaut, coffee):
+    key = proposer.embed_image(astronaut)
+    assert key == image_key(astronaut) and proposer.encoder_calls == 1
+    proposer.predict_prompt(astronaut, click(10, 10))
+    proposer.predict_prompt(astronaut.copy(), click(100, 60))  # same content, another array
+    assert proposer.encoder_calls == 1
+    proposer.predict_prompt(coffee, click(10, 10))
+    assert proposer.encoder_calls == 2
+    changed = astronaut.copy()
+    changed[0, 0, 0] ^= 1
+    proposer.predict_prompt(changed, click(10, 10))
+    assert proposer.encoder_calls == 3
+
+
+def test_cache_stays_within_its_byte_bound_and_evicts(sam, astronaut, coffee):
+    probe = SamProposer(sam)
+    probe.embed_image(astronaut)
+    size = probe.cache.nbytes
+    assert size == 64 * 16 * 16 * 4  # (1, C, h, w) float32
+    proposer = SamProposer(sam, cache_bytes=size + size // 2)  # room for one embedding
+    proposer.embed_image(astronaut)
+    proposer.embed_image(coffee)
+    assert len(proposer.cache) == 1 and proposer.cache.nbytes <= size + size // 2
+    assert proposer.cache.evictions == 1
+    proposer.embed_image(astronaut)  # evicted: encoded again
+    assert proposer.encoder_calls == 3
+    proposer.embed_image(astronaut)
+    assert proposer.encoder_calls == 3
+
+
+def test_cache_can_be_disabled(sam, astronaut):
+    proposer = SamProposer(sam, cache_bytes=0)
+    first = proposer.predict_prompt(astronaut, click(30, 30))
+    second = proposer.predict_prompt(astronaut, click(30, 30))
+    assert proposer.encoder_calls == 2 and len(proposer.cache) == 0
+    np.testing.assert_array_equal(first.masks, second.masks)
+
+
+@pytest.mark.parametrize(
+    "image, expected",
+    [
+        (np.zeros((H, W), np.uint8), r"expected shape \(H, W, 3\)"),
+        (np.zeros((H, W, 4), np.uint8), r"expected shape \(H, W, 3\)"),
+        (np.zeros((0, W, 3), np.uint8), r"expected shape \(H, W, 3\) with H, W >= 1"),
+        (np.zeros((H, W, 3), np.float32), "expected dtype uint8, got float32"),
+        ([[[0, 0, 0]]], "expected a numpy array"),
+    ],
+    ids=["gray", "rgba", "empty", "float", "list"],
+)
+def test_bad_images_are_value_errors(proposer, image, expected):
+    with pytest.raises(ValueError, match=expected):
+        proposer.predict_prompt(image, click(1, 1))
+    with pytest.raises(ValueError, match=expected):
+        proposer.generate(image, AutoMaskSettings(points_per_side=2))
+    assert proposer.encoder_calls == 0
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        click(W + 0.5, 10),
+        click(10, -1),
+        Prompt(points=np.zeros((0, 2)), point_labels=[], box=[0, 0, 50, H * 2]),
+    ],
+    ids=["x-beyond-width", "negative-y", "box-beyond-height"],
+)
+def test_prompts_outside_the_image_are_value_errors(proposer, astronaut, prompt):
+    with pytest.raises(ValueError, match=f"within the {W}x{H} image"):
+        proposer.predict_prompt(astronaut, prompt)
+
+
+def test_prompt_on_the_image_border_is_accepted(proposer, astronaut):
+    assert len(proposer.predict_prompt(astronaut, click(W, H))) == 3
+
+
+def test_wrong_argument_types_are_value_errors(proposer, sam, astronaut):
+    with pytest.raises(ValueError, match="prompt: expected a Prompt, got dict"):
+        proposer.predict_prompt(astronaut, {"points": [[1, 1]]})
+    with pytest.raises(ValueError, match="settings: expected AutoMaskSettings, got dict"):
+        proposer.generate(astronaut, {"points_per_side": 4})
+    with pytest.raises(ValueError, match="sam: expected a segment_anything Sam model"):
+        SamProposer(object())
+
+
+# -- automatic masks -----------------------------------------------------------------------------
+
+
+def assert_same_as_stock_generator(sam, image, settings: AutoMaskSettings, ours):
+    stock = SamAutomaticMaskGenerator(
+        sam,
+        points_per_side=settings.points_per_side,
+        points_per_batch=settings.points_per_batch,
+        pred_iou_thresh=settings.pred_iou_thresh,
+        stability_score_thresh=settings.stability_score_thresh,
+        stability_score_offset=settings.stability_score_offset,
+        box_nms_thresh=settings.box_nms_thresh,
+        min_mask_region_area=settings.min_mask_region_area,
+        output_mode="binary_mask",
+    ).generate(image)
+    assert len(ours) == len(stock) >= 4
+    theirs = np.stack([record["segmentation"] for record in stock])
+    ious = match_ious(ours.masks, theirs)
+    match = ious.argmax(axis=1)
+    assert sorted(match.tolist()) == list(range(len(stock)))  # one-to-one
+    assert (ious.max(axis=1) >= 0.99).all()
+    for index, other in enumerate(match):
+        record = stock[other]
+        assert ours.extra["predicted_iou"][index] == pytest.approx(record["predicted_iou"], rel=1e-5)
+        assert ours.extra["stability_score"][index] == pytest.approx(record["stability_score"], rel=1e-5)
+        np.testing.assert_allclose(ours.extra["point_coords"][index], record["point_coords"][0])
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        AutoMaskSettings(points_per_side=12),
+        AutoMaskSettings(
+            points_per_side=12,
+            points_per_batch=10,
+            pred_iou_thresh=0.9,
+            stability_score_thresh=0.9,
+            stability_score_offset=2.0,
+            box_nms_thresh=0.5,
+            min_mask_region_area=30,
+        ),
+    ],
+    ids=["sam-defaults", "other-settings+small-regions"],
+)
+def test_generate_returns_the_masks_of_sams_automatic_mask_generator(sam, astronaut, settings):
+    ours = SamProposer(sam).generate(astronaut, settings)
+    assert_same_as_stock_generator(sam, astronaut, settings, ours)
+    assert ours.ids.tolist() == [f"auto{i}" for i in range(len(ours))]
+    assert (np.diff(ours.extra["predicted_iou"]) <= 0).all() or settings.min_mask_region_area > 0
+    np.testing.assert_array_equal(ours.boxes, boxes_from_masks(ours.masks))
+    assert ours.extra["point_coords"].shape == (len(ours), 2)
+
+
+def test_generate_reuses_the_embedding_of_earlier_clicks(proposer, astronaut):
+    proposer.predict_prompt(astronaut, click(20, 20))
+    regions = proposer.generate(astronaut, AutoMaskSettings(points_per_side=6))
+    assert proposer.encoder_calls == 1 and len(regions) > 0
+    proposer.generate(astronaut, AutoMaskSettings(points_per_side=6))
+    assert proposer.encoder_calls == 1
+
+
+def test_generate_with_nothing_passing_returns_empty_regions(proposer, coffee):
+    regions = proposer.generate(coffee, AutoMaskSettings(points_per_side=4, pred_iou_thresh=1.0))
+    assert len(regions) == 0 and regions.masks.shape == (0, H, W)
+    assert regions.extra["point_coords"].shape == (0, 2)
+
+
+def test_bfloat16_autocast_runs_and_returns_float32(sam, astronaut):
+    """The mechanism only: the tiny model's hand-set weights cancel large offsets, so bf16 moves its
+    strictest level a lot; the accuracy of bf16 must be judged on real weights."""
+    exact = SamProposer(sam).predict_prompt(astronaut, click(60, 70))
+    fast = SamProposer(sam, autocast_dtype=torch.bfloat16).predict_prompt(astronaut, click(60, 70))
+    assert fast.extra["low_res_logits"].dtype == np.float32 and fast.proposal_score.dtype == np.float32
+    assert not np.array_equal(fast.extra["low_res_logits"], exact.extra["low_res_logits"])  # bf16 was used
+    np.testing.assert_allclose(fast.extra["predicted_iou"], exact.extra["predicted_iou"], atol=0.02)
+    assert match_ious(fast.masks[2:], exact.masks[2:])[0, 0] >= 0.9
+
+
+# -- threads -------------------------------------------------------------------------------------
+
+
+def test_concurrent_requests_never_mix_images(sam, astronaut, coffee):
+    proposer = SamProposer(sam)
+    jobs = [(image, click(x, y)) for x, y in ((20, 20), (100, 70), (64, 10)) for image in (astronaut, coffee)]
+    expected = [SamProposer(sam).predict_prompt(image, prompt).masks for image, prompt in jobs]
+    start = threading.Barrier(4)
+
+    def run(job):
+        image, prompt = job
+        start.wait(timeout=30)  # four requests at a time, released together
+        return proposer.predict_prompt(image, prompt).masks
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(run, jobs * 2))
+    for got, want in zip(results, expected * 2, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert proposer.encoder_calls == 2  # each image encoded once, even when first asked concurrently
