@@ -7,8 +7,6 @@ import json
 import os
 import re
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +14,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.support.processes import free_port, stop_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,12 +58,6 @@ def image_environment_and_command() -> tuple[dict[str, str], list[str]]:
     return env, command
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_dockerfile_runs_gunicorn_entry_without_preload_as_non_root():
     env, command = image_environment_and_command()
     assert command == ["python", "-m", "backend"]
@@ -78,7 +72,7 @@ def test_dockerfile_runs_gunicorn_entry_without_preload_as_non_root():
 
 def test_image_entry_command_serves_health_outside_docker(tmp_path):
     env, command = image_environment_and_command()
-    port = _free_port()
+    port = free_port()
     run_env = {k: v for k, v in os.environ.items() if not k.startswith(("SAM_", "EMBEDDER_"))}
     run_env.update(env)
     # What differs from the image: no weights here, and paths that exist on this machine.
@@ -122,12 +116,7 @@ def test_image_entry_command_serves_health_outside_docker(tmp_path):
         wrong = dict(run_env, BASIC_AUTH_PASS="wrong")
         assert subprocess.run(probe, cwd=ROOT, env=wrong, capture_output=True).returncode == 1
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        stop_process_group(process, grace=20)
     assert process.returncode is not None
 
 

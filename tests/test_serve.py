@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,14 +15,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import API_TOKEN, TINY_ENV, load_fixture
+from tests.support.processes import free_port
+from tests.support.processes import stop_process_group as stop
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def base_env(**extra: str) -> dict[str, str]:
@@ -42,18 +36,6 @@ def call(port: int, path: str, body: dict | None = None, timeout: float = 120.0)
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read() or b"{}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    """SIGTERM the process group led by ``process`` (gunicorn master and workers), then SIGKILL."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
 
 
 def test_python_m_backend_serves_health_setup_and_predict(label_studio, tmp_path):
