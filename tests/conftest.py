@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.support import FIXTURES
 from tests.support.http_server import LoopbackHTTPServer, RecordedRequest, Response
 
-FIXTURES = Path("/work/shared/fixtures/label-studio")
 API_TOKEN = "test-legacy-token-0123456789"
 IMAGE_SIZE = (48, 64)
 """(H, W) of the images behind the fixture payloads (their brush RLEs are 64 x 48)."""

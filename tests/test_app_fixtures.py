@@ -1,4 +1,4 @@
-"""Replay every payload a real Label Studio 1.23.2 sent (``/work/shared/fixtures/label-studio``)
+"""Replay every payload a real Label Studio 1.23.2 sent (``../shared/fixtures/label-studio``)
 against the app with tiny models and a loopback Label Studio serving the task images."""
 
 from __future__ import annotations

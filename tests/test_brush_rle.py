@@ -1,7 +1,6 @@
 """Brush RLE: byte-identical to the SDK's encoder, exact decoding, clear errors on bad input."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +10,8 @@ from hypothesis.extra.numpy import arrays
 from label_studio_sdk.converter import brush
 
 from samsem_plugin.brush_rle import decode_words, rle_decode, rle_decode_alpha, rle_encode
+from tests.support import FIXTURES
 
-FIXTURES = Path("/work/shared/fixtures/label-studio")
 PROPERTY_SETTINGS = settings(
     max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
 )

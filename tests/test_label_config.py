@@ -1,14 +1,13 @@
 """Label config parsing: output and smart controls, Labels + tool variants, errors, caching."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from samsem_plugin import label_config
 from samsem_plugin.label_config import ControlSpec, parse_label_config
+from tests.support import FIXTURES
 
-FIXTURES = Path("/work/shared/fixtures/label-studio")
 FIXTURE_CONFIG = json.loads((FIXTURES / "setup.json").read_text())["schema"]
 
 

@@ -3,7 +3,6 @@
 import copy
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,8 +23,8 @@ from samsem_plugin.ls_format import (
     results_to_served,
 )
 from samsem_plugin.regions import Regions
+from tests.support import FIXTURES
 
-FIXTURES = Path("/work/shared/fixtures/label-studio")
 INTERACTIVE = json.loads((FIXTURES / "predict_interactive.json").read_text())
 XML = INTERACTIVE["label_config"]
 CONFIG = parse_label_config(XML)
