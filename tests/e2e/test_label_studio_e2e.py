@@ -444,8 +444,8 @@ def test_venv_location_defaults_to_repo_and_follows_the_env_var() -> None:
     assert harness.label_studio_venv_path({"LABEL_STUDIO_VENV": "/opt/ls-venv"}) == Path("/opt/ls-venv")
 
 
-@pytest.mark.parametrize(("raw", "expected"), [(None, 120.0), ("300", 300.0), ("45.5", 45.5)])
-def test_start_timeout_defaults_to_120_s(raw: str | None, expected: float) -> None:
+@pytest.mark.parametrize(("raw", "expected"), [(None, 300.0), ("120", 120.0), ("45.5", 45.5)])
+def test_start_timeout_defaults_to_300_s(raw: str | None, expected: float) -> None:
     env = {} if raw is None else {"LABEL_STUDIO_START_TIMEOUT": raw}
     assert harness.label_studio_start_timeout(env) == expected
 
