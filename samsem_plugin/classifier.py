@@ -1,7 +1,8 @@
 """Name mask embeddings from an exemplar memory, with calibrated confidence and "I don't know".
 
 Scoring (all cosine similarities of L2-normalised vectors, one matmul of the N queries against a
-bank holding every prototype and exemplar):
+bank holding every prototype and exemplar). Every vector is first centred on the memory's mean
+(shrunk towards 0 for memories of few classes, ``centring``) and renormalised:
 
 * class score: cosine to the class prototype (mean of its normalised positives, renormalised);
   with kNN, the softmax(sim / ``knn_temperature``)-weighted mean of the top-``knn_k`` cosines to
@@ -17,7 +18,10 @@ Probabilities are ``softmax(scores / T)`` over the known classes (+ background w
 background exemplars); ``T`` is fitted on the stored exemplars by leave-one-region-out NLL over a
 grid (Laplace label smoothing, so a memory that never errs is not declared infallible). Per-class
 thresholds are a low quantile (``threshold_quantile``) of each class's own leave-one-region-out
-scores (the lower of the empirical quantile and a Student-t prediction bound). Memories larger
+scores (the lower of the empirical quantile and a Student-t prediction bound); a class with too few
+of them takes the lower of the pooled quantile of all classes and a high quantile
+(``impostor_quantile``) of the scores the class wins when each calibration sample's own class is
+hidden (how an object of a class nobody taught scores). Memories larger
 than ``calibration_max_exemplars`` are calibrated on a stratified subset. With a single class and
 no background exemplars the softmax is 1 by construction: only the threshold can refuse a label.
 
@@ -37,6 +41,7 @@ from samsem_plugin.memory import BACKGROUND, NEGATIVE, POSITIVE, MemorySnapshot
 from samsem_plugin.regions import Regions
 
 METHODS = ("prototype", "knn", "auto")
+CENTRINGS = ("none", "exemplars", "classes")
 UNKNOWN_POLICIES = ("unlabelled", "drop")
 
 REASON_NONE = ""
@@ -75,6 +80,15 @@ class ClassifierSettings:
     Attributes:
         method: ``"prototype"``, ``"knn"`` or ``"auto"`` (kNN blended with the prototype once a
             class has ``knn_min_exemplars`` positives).
+        centring: the point subtracted from every vector (memory and queries) before cosines, then
+            renormalised: ``"classes"`` the mean of the per-(label, kind) mean vectors,
+            ``"exemplars"`` the mean of all stored exemplars, ``"none"``. Backbone features share
+            a large common component (CNN features after ReLU are all positive); removing it
+            spreads the cosines.
+        centring_prior: pseudo-count of zero vectors added to that mean: the centre is
+            ``sum / (count + prior)`` (count = groups for ``"classes"``, exemplars for
+            ``"exemplars"``), so a memory of two classes is only half centred: centring on the
+            mean of very few groups would make them artificially opposite.
         knn_k: neighbours per class for kNN.
         knn_temperature: softmax temperature of the kNN neighbour weights.
         knn_min_exemplars: positives a class needs before ``"auto"`` uses kNN.
@@ -84,6 +98,11 @@ class ClassifierSettings:
         reject_below_threshold: reject when the best class score is under its threshold.
         threshold_quantile: the per-class threshold is this quantile of the class's own
             leave-one-out scores.
+        impostor_quantile: for a class without ``threshold_min_exemplars`` leave-one-out scores
+            of its own, the threshold is the lower of the pooled genuine bound (all classes) and an
+            impostor bound that this share of the leave-one-*class*-out scores won by the class
+            exceeds (how an object of an untaught class scores; learnt from two classes on, also
+            at one exemplar per class); 0 switches the impostor bound off.
         threshold_min_exemplars: leave-one-out scores a class needs for its own threshold
             (otherwise the pooled quantile of all classes, or ``default_threshold``).
         default_threshold: threshold when there is too little data to learn one.
@@ -100,6 +119,8 @@ class ClassifierSettings:
     """
 
     method: str = "auto"
+    centring: str = "classes"
+    centring_prior: float = 2.0
     knn_k: int = 5
     knn_temperature: float = 0.07
     knn_min_exemplars: int = 10
@@ -107,12 +128,13 @@ class ClassifierSettings:
     use_negatives: bool = True
     negative_sigma: float = 0.05
     reject_below_threshold: bool = True
-    threshold_quantile: float = 0.05
+    threshold_quantile: float = 0.01
+    impostor_quantile: float = 0.05
     threshold_min_exemplars: int = 5
     default_threshold: float = 0.0
     min_margin: float = 0.1
     reject_background: bool = True
-    min_probability: float = 0.5
+    min_probability: float = 0.4
     unknown_policy: str = "unlabelled"
     default_temperature: float = 0.05
     calibration_samples: int = 2000
@@ -121,6 +143,8 @@ class ClassifierSettings:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
+        if self.centring not in CENTRINGS:
+            raise ValueError(f"centring: expected one of {CENTRINGS}, got {self.centring!r}")
         if self.unknown_policy not in UNKNOWN_POLICIES:
             raise ValueError(
                 f"unknown_policy: expected one of {UNKNOWN_POLICIES}, got {self.unknown_policy!r}"
@@ -135,6 +159,8 @@ class ClassifierSettings:
         for name in ("knn_weight", "min_margin", "min_probability"):
             _check_range(name, getattr(self, name), 0.0, 1.0)
         _check_range("threshold_quantile", self.threshold_quantile, 0.0, 0.5, open_low=True)
+        _check_range("impostor_quantile", self.impostor_quantile, 0.0, 0.5)
+        _check_range("centring_prior", self.centring_prior, 0.0, np.inf)
         _check_range("default_threshold", self.default_threshold, -1.0, 1.0)
 
 
@@ -250,6 +276,44 @@ def _lower_score_bound(scores: np.ndarray, quantile: float) -> float:
         1 + 1 / n
     )
     return float(min(empirical, bound))
+
+
+def _upper_score_bound(scores: np.ndarray, quantile: float) -> float:
+    """A score an outsider exceeds with probability about ``quantile`` (mirror of
+    :func:`_lower_score_bound`: the higher of the empirical upper quantile and the Student-t bound)."""
+    return -_lower_score_bound(-np.asarray(scores, dtype=np.float64), quantile)
+
+
+def _centre_of(snapshot: MemorySnapshot, settings: ClassifierSettings) -> np.ndarray:
+    """``(D,) float32`` the point the memory's vectors are centred on before cosines (see
+    ``ClassifierSettings.centring``); zeros when centring is off or the memory is empty."""
+    if settings.centring == "none" or len(snapshot) == 0:
+        return np.zeros(snapshot.dim, np.float32)
+    vectors = snapshot.vectors.astype(np.float64)
+    if settings.centring == "exemplars":
+        total, count = vectors.sum(axis=0), len(vectors)
+    else:
+        groups = np.unique(
+            np.array(
+                [f"{kind}\0{label}" for label, kind in zip(snapshot.labels, snapshot.kinds, strict=True)]
+            ),
+            return_inverse=True,
+        )[1]
+        sums = np.zeros((groups.max() + 1, snapshot.dim))
+        np.add.at(sums, groups, vectors)
+        means = sums / np.bincount(groups)[:, None]
+        total, count = means.sum(axis=0), len(means)
+    return (total / (count + settings.centring_prior)).astype(np.float32)
+
+
+def _centred(vectors: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """``(N, D) float32`` rows minus ``centre``, L2-normalised; zero rows (empty masks) stay zero."""
+    if not centre.any():
+        return vectors
+    shifted = vectors.astype(np.float64) - centre
+    norms = np.linalg.norm(shifted, axis=1, keepdims=True)
+    keep = (np.abs(vectors).max(axis=1, keepdims=True) > 0) & (norms > 1e-12)
+    return np.where(keep, shifted / np.maximum(norms, 1e-12), 0.0).astype(np.float32)
 
 
 def _fit_temperature(logits: np.ndarray, targets: np.ndarray, default: float) -> float:
@@ -383,8 +447,12 @@ class FittedClassifier:
         dim: embedding dimension ``D`` (0 for an empty memory).
     """
 
-    def __init__(self, snapshot: MemorySnapshot, settings: ClassifierSettings) -> None:
+    def __init__(
+        self, snapshot: MemorySnapshot, settings: ClassifierSettings, centre: np.ndarray | None = None
+    ) -> None:
         self.settings = settings
+        self.centre = _centre_of(snapshot, settings) if centre is None else centre
+        original, snapshot = snapshot, replace(snapshot, vectors=_centred(snapshot.vectors, self.centre))
         self.revision = snapshot.revision
         self.dim = snapshot.dim
         self.labels: list[str] = sorted(snapshot.label_set())
@@ -407,8 +475,10 @@ class FittedClassifier:
             self._calibrate()
             return
         keep_at_least = max(settings.knn_min_exemplars, settings.threshold_min_exemplars, 16)
-        subset = _stratified_subset(snapshot, settings.calibration_max_exemplars, keep_at_least)
-        calibrated = FittedClassifier(subset, replace(settings, calibration_max_exemplars=len(subset)))
+        subset = _stratified_subset(original, settings.calibration_max_exemplars, keep_at_least)
+        calibrated = FittedClassifier(
+            subset, replace(settings, calibration_max_exemplars=len(subset)), centre=self.centre
+        )
         self.temperature = calibrated.temperature
         self.thresholds, self.threshold_learnt = calibrated.thresholds, calibrated.threshold_learnt
         self.calibration_size = calibrated.calibration_size
@@ -526,17 +596,45 @@ class FittedClassifier:
             logits_parts.append(self._logits(*self._scores_from_sims(sims)))
         logits = np.concatenate(logits_parts)
         usable = np.isfinite(logits[np.arange(len(rows)), targets])
+        impostors = self._impostor_bounds(logits, targets)
         logits, targets = logits[usable], targets[usable]
         self.calibration_size = int(len(targets))
-        self._fit_thresholds(logits, targets)
+        self._fit_thresholds(logits, targets, impostors)
         self.temperature = _fit_temperature(logits, targets, self.settings.default_temperature)
 
-    def _fit_thresholds(self, logits: np.ndarray, targets: np.ndarray) -> None:
+    def _impostor_bounds(self, logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """``(C,)`` upper bound of the scores with which an object of an *unknown* class wins each
+        class (NaN where unknown or switched off).
+
+        Each calibration sample is scored as if its own class had never been taught (its class's
+        column removed): the class that then wins, and with what score, is what an object of an
+        untaught class would get. Background samples take the best of all classes.
+        """
+        n_classes, quantile = len(self.labels), self.settings.impostor_quantile
+        bounds = np.full(n_classes, np.nan)
+        if quantile <= 0 or n_classes < 2 and not (targets == n_classes).any():
+            return bounds
+        columns = logits[:, :n_classes].copy()
+        own = targets < n_classes
+        columns[np.flatnonzero(own), targets[own]] = -np.inf
+        winner = np.argmax(columns, axis=1)
+        score = columns[np.arange(len(targets)), winner]
+        valid = np.isfinite(score)
+        winner, score = winner[valid], score[valid]
+        for c in range(n_classes):
+            won = score[winner == c]
+            if len(won) >= 2:
+                bounds[c] = _upper_score_bound(won, quantile)
+            elif len(score) >= 2:
+                bounds[c] = _upper_score_bound(score, quantile)
+        return bounds
+
+    def _fit_thresholds(self, logits: np.ndarray, targets: np.ndarray, impostors: np.ndarray) -> None:
         settings = self.settings
         own = logits[np.arange(len(targets)), targets]
         is_class = targets < len(self.labels)
         pooled = own[is_class]
-        fallback = settings.default_threshold
+        fallback = np.nan
         if len(pooled) >= settings.threshold_min_exemplars:
             fallback = _lower_score_bound(pooled, settings.threshold_quantile)
         for c in range(len(self.labels)):
@@ -544,8 +642,9 @@ class FittedClassifier:
             if len(scores) >= settings.threshold_min_exemplars:
                 self.thresholds[c] = _lower_score_bound(scores, settings.threshold_quantile)
                 self.threshold_learnt[c] = True
-            else:
-                self.thresholds[c] = fallback
+                continue
+            candidates = [v for v in (fallback, impostors[c]) if np.isfinite(v)]
+            self.thresholds[c] = min(candidates) if candidates else settings.default_threshold
 
     # -- public --------------------------------------------------------------------------------
 
@@ -570,7 +669,8 @@ class FittedClassifier:
         if not np.isfinite(x).all():
             raise ValueError("embeddings: expected finite numbers")
         norms = np.linalg.norm(x, axis=1, keepdims=True)
-        return np.ascontiguousarray(np.where(norms > 0, x / np.maximum(norms, 1e-12), 0.0).astype(np.float32))
+        x = np.where(norms > 0, x / np.maximum(norms, 1e-12), 0.0).astype(np.float32)
+        return np.ascontiguousarray(_centred(x, self.centre))
 
     def classify(
         self, embeddings: np.ndarray, allowed_labels: Collection[str] | None = None
@@ -654,6 +754,8 @@ class FittedClassifier:
         return {
             "revision": self.revision,
             "method": self.settings.method,
+            "centring": self.settings.centring,
+            "centre_norm": float(np.linalg.norm(self.centre)),
             "classes": len(self.labels),
             "exemplars_per_class": dict(zip(self.labels, self.class_counts.tolist(), strict=True)),
             "background_exemplars": self._bank.n_background,

@@ -10,6 +10,14 @@ original image grid, then L2-normalised. Cell ``i`` of ``gh`` covers image rows
 one cell and a mask of a single pixel still gets a positive weight. (Only when the image has fewer
 pixel rows than grid rows, which needs an image under one patch per pixel, does a cell consist of
 the one pixel row it starts on, shared with its neighbours.)
+
+Multi-scale (``multi_scale=True``, CNN backbones): the same forward also yields the output of the
+last stage at half the final stride (e.g. EfficientNet-Lite0's stride-16, 112-channel ``blocks.4``
+next to its stride-32, 1280-channel head). Each map is pooled with its own cell weights and
+L2-normalised; the embedding is their concatenation divided by ``sqrt(2)`` (unit norm, both scales
+weighing the same). On real photo content (scikit-image scenes, see ``tests/test_real_content.py``)
+this raised mean-prototype accuracy at 5 / 10 labelled images from 0.89 / 0.94 to 0.93 / 0.95
+(finer grid, mid-level texture and colour cues that the ImageNet head discards).
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ from samsem_plugin.cache import ByteLRUCache, image_key
 from samsem_plugin.regions import Regions
 
 _RESIZE_MODES = {"bilinear": "bilinear", "bicubic": "bicubic"}
+MULTI_SCALE_SUFFIX = "+ms"
+"""Appended to ``embedder_id`` by :meth:`MaskEmbedder.from_timm` for multi-scale embeddings."""
 _HASH_CHUNK = 1 << 20
 WEIGHTS_HASH_CHARS = 12
 
@@ -118,6 +128,23 @@ def pool_normalised(weights: np.ndarray, features: np.ndarray) -> np.ndarray:
     return np.divide(pooled, norms, out=np.zeros_like(pooled), where=norms > 0)
 
 
+def _detail_stage(model: torch.nn.Module) -> int:
+    """Index (into ``model.feature_info``) of the last CNN stage at half the final stride."""
+    info = getattr(model, "feature_info", None)
+    reductions = [int(entry["reduction"]) for entry in info] if isinstance(info, list) else []
+    wanted = reductions[-1] // 2 if reductions else 0
+    if (
+        hasattr(model, "patch_embed")
+        or wanted not in reductions
+        or not hasattr(model, "forward_intermediates")
+    ):
+        raise ValueError(
+            f"multi_scale: expected a timm CNN with forward_intermediates and a stage at half its final "
+            f"stride, got {type(model).__name__} with stage reductions {reductions}"
+        )
+    return max(i for i, reduction in enumerate(reductions) if reduction == wanted)
+
+
 def _feature_stride(model: torch.nn.Module) -> tuple[int, int]:
     """``(rows, columns)`` pixels per output cell: ViT patch size, or a CNN's last reduction."""
     patch_embed = getattr(model, "patch_embed", None)
@@ -142,9 +169,12 @@ class MaskEmbedder:
     """Embeds masks of an image with a timm backbone (see module docstring for the method).
 
     Attributes:
-        embedder_id: ``"<timm name>@<weights sha256 prefix>"`` (or ``@random``); memories built by
-            different backbones must not be mixed, this id tells them apart.
-        dim: embedding dimension ``D`` (``model.num_features``).
+        embedder_id: ``"<timm name>@<weights sha256 prefix>"`` (or ``@random``), with
+            :data:`MULTI_SCALE_SUFFIX` appended when multi-scale; memories built by different
+            backbones or pooling must not be mixed, this id tells them apart.
+        dim: embedding dimension ``D`` (``model.num_features``, plus the channels of the detail
+            stage when multi-scale).
+        multi_scale: whether embeddings concatenate the half-stride stage (see module docstring).
         forward_calls: backbone forwards so far (cache misses).
         cache: the bytes-bounded feature cache (``hits``/``misses``/``evictions`` for metrics).
 
@@ -159,6 +189,7 @@ class MaskEmbedder:
         long_side: int | None = None,
         cache_bytes: int = 256 << 20,
         autocast_dtype: torch.dtype | None = None,
+        multi_scale: bool = False,
     ) -> None:
         """
         Args:
@@ -171,6 +202,8 @@ class MaskEmbedder:
             cache_bytes: bound of the per-image feature cache (0 disables it).
             autocast_dtype: e.g. ``torch.bfloat16`` to run the forward under autocast; outputs are
                 cast back to float32.
+            multi_scale: also pool the last stage at half the final stride (CNNs only; ``ValueError``
+                otherwise). ``embedder_id`` must then name it (``from_timm`` does).
         """
         if getattr(model, "dynamic_img_size", True) is False:
             raise ValueError(
@@ -193,10 +226,15 @@ class MaskEmbedder:
         self._resize_mode = _RESIZE_MODES.get(str(config.get("interpolation")), "bicubic")
         self._prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
         self._autocast_dtype = autocast_dtype
+        self._detail_stage = _detail_stage(model) if multi_scale else None
+        self.multi_scale = bool(multi_scale)
         self.embedder_id = embedder_id
-        self.dim = int(model.num_features)
+        self._last_dim = int(model.num_features)
+        self.dim = self._last_dim
+        if self._detail_stage is not None:
+            self.dim += int(model.feature_info[self._detail_stage]["num_chs"])
         self.forward_calls = 0
-        self.cache: ByteLRUCache[np.ndarray] = ByteLRUCache(cache_bytes)
+        self.cache: ByteLRUCache[tuple[np.ndarray, ...]] = ByteLRUCache(cache_bytes)
         self._lock = threading.Lock()
 
     @classmethod
@@ -209,8 +247,11 @@ class MaskEmbedder:
         cache_bytes: int = 256 << 20,
         device: str = "cpu",
         autocast_dtype: torch.dtype | None = None,
+        multi_scale: bool = False,
     ) -> MaskEmbedder:
         """Build the backbone ``name`` with ``weights`` (a local file or ``"random"``) on ``device``.
+
+        The id is ``"<name>@<tag>"``, plus :data:`MULTI_SCALE_SUFFIX` with ``multi_scale``.
 
         Raises:
             WeightsError: see :func:`samsem_plugin.backbones.load_backbone`.
@@ -219,10 +260,11 @@ class MaskEmbedder:
         tag = RANDOM_WEIGHTS if str(weights) == RANDOM_WEIGHTS else file_sha256(weights)
         return cls(
             model,
-            embedder_id=f"{name}@{tag}",
+            embedder_id=f"{name}@{tag}" + (MULTI_SCALE_SUFFIX if multi_scale else ""),
             long_side=long_side,
             cache_bytes=cache_bytes,
             autocast_dtype=autocast_dtype,
+            multi_scale=multi_scale,
         )
 
     @property
@@ -241,7 +283,17 @@ class MaskEmbedder:
     # -- features -------------------------------------------------------------------------------
 
     def features(self, image: np.ndarray) -> np.ndarray:
-        """Dense backbone features of ``image``: ``(gh, gw, D) float32``, read-only, cached by content.
+        """Dense backbone features of ``image``: ``(gh, gw, D') float32``, read-only, cached by content
+        (``D' = model.num_features``: the last map only, also when multi-scale).
+
+        Args:
+            image: ``(H, W, 3) uint8`` RGB.
+        """
+        return self.feature_maps(image)[0]
+
+    def feature_maps(self, image: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Every map that is pooled: ``(last map,)``, or ``(last map, half-stride map)`` when
+        multi-scale; each ``(gh_i, gw_i, D_i) float32``, read-only, cached together by content.
 
         Args:
             image: ``(H, W, 3) uint8`` RGB.
@@ -256,10 +308,10 @@ class MaskEmbedder:
                 cached = self.cache.get(key)
                 if cached is not None:
                     return cached
-            grid = self._forward(image)
+            maps = self._forward(image)
             self.forward_calls += 1
-            self.cache.put(key, grid)
-        return grid
+            self.cache.put(key, maps)
+        return maps
 
     def _preprocess(self, image: np.ndarray) -> torch.Tensor:
         """``(1, 3, h, w) float32`` normalised backbone input (see :meth:`input_size`)."""
@@ -278,7 +330,7 @@ class MaskEmbedder:
         pixels = (pixels - self._mean) / self._std
         return pixels if self._token_model else pixels.contiguous(memory_format=torch.channels_last)
 
-    def _forward(self, image: np.ndarray) -> np.ndarray:
+    def _forward(self, image: np.ndarray) -> tuple[np.ndarray, ...]:
         pixels = self._preprocess(image).to(self._device)
         autocast = (
             torch.autocast(device_type=self._device.type, dtype=self._autocast_dtype)
@@ -286,12 +338,19 @@ class MaskEmbedder:
             else contextlib.nullcontext()
         )
         with torch.inference_mode(), autocast:
-            output = self._model.forward_features(pixels)
-        output = output.float()[0]
-        grid = self._to_grid(output, pixels.shape[2:]).cpu().numpy().astype(np.float32, copy=False)
-        grid = np.ascontiguousarray(grid)
-        grid.setflags(write=False)
-        return grid
+            if self._detail_stage is None:
+                outputs = [self._model.forward_features(pixels)]
+            else:
+                last, details = self._model.forward_intermediates(pixels, indices=[self._detail_stage])
+                outputs = [last, details[0]]
+        grids = [self._to_grid(outputs[0].float()[0], pixels.shape[2:])]
+        grids += [output.float()[0].permute(1, 2, 0) for output in outputs[1:]]  # NCHW maps
+        arrays = []
+        for grid in grids:
+            array = np.ascontiguousarray(grid.cpu().numpy().astype(np.float32, copy=False))
+            array.setflags(write=False)
+            arrays.append(array)
+        return tuple(arrays)
 
     def _to_grid(self, output: torch.Tensor, input_size: tuple[int, int]) -> torch.Tensor:
         """One image's backbone output → ``(gh, gw, D)``: tokens ``(T, D)`` or a map ``(C, h, w)``."""
@@ -305,12 +364,12 @@ class MaskEmbedder:
                 )
             return patches.reshape(gh, gw, -1)
         if output.ndim == 3:
-            if output.shape[0] == self.dim:  # NCHW map
+            if output.shape[0] == self._last_dim:  # NCHW map
                 return output.permute(1, 2, 0)
-            if output.shape[-1] == self.dim:  # NHWC map (e.g. some hierarchical transformers)
+            if output.shape[-1] == self._last_dim:  # NHWC map (e.g. some hierarchical transformers)
                 return output
         raise ValueError(
-            f"backbone output: expected (T, {self.dim}) tokens or a ({self.dim}, h, w) map, "
+            f"backbone output: expected (T, {self._last_dim}) tokens or a ({self._last_dim}, h, w) map, "
             f"got {tuple(output.shape)}"
         )
 
@@ -336,10 +395,14 @@ class MaskEmbedder:
             raise ValueError(f"masks: expected shape (N, {height}, {width}), got {masks.shape}")
         if masks.shape[0] == 0:
             return np.zeros((0, self.dim), np.float32)
-        grid = self.features(image)
-        gh, gw, dim = grid.shape
-        weights = cell_coverage(masks, (gh, gw)).reshape(masks.shape[0], gh * gw)
-        return pool_normalised(weights, grid.reshape(gh * gw, dim))
+        parts = []
+        for grid in self.feature_maps(image):
+            gh, gw, dim = grid.shape
+            weights = cell_coverage(masks, (gh, gw)).reshape(masks.shape[0], gh * gw)
+            parts.append(pool_normalised(weights, grid.reshape(gh * gw, dim)))
+        if len(parts) == 1:
+            return parts[0]
+        return (np.concatenate(parts, axis=1) / np.float32(np.sqrt(len(parts)))).astype(np.float32)
 
     def embed_regions(self, image: np.ndarray, regions: Regions) -> Regions:
         """``regions`` with ``embeddings`` filled (``(N, D) float32``, see :meth:`embed`)."""

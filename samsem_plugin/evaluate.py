@@ -1,7 +1,10 @@
 """Few-shot evaluation of the exemplar memory on a COCO instances export.
 
 ``python -m samsem_plugin.evaluate --coco ANNOTATIONS.json --images DIR --embedder-model NAME
---embedder-weights FILE --shots 1,2,3,5,10 --seeds 5 --test-images 20 --json OUT.json``
+--embedder-weights FILE [--multi-scale] --shots 1,2,3,5,10 --seeds 5 --test-images 20 --json OUT.json``
+
+Every :class:`~samsem_plugin.classifier.ClassifierSettings` field is a flag too (``--centring none``,
+``--min-probability 0.5``, ``--no-reject-below-threshold``, ...), to compare options on one dataset.
 
 Oracle-mask mode (ground-truth masks, isolates embedding + memory + classifier). Per seed: the
 annotated images are shuffled with that seed; the last ``--test-images`` are the test set; for each
@@ -375,6 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--long-side", type=int, default=None, help="backbone input long side in pixels")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="run the backbone under bfloat16 autocast")
+    parser.add_argument(
+        "--multi-scale",
+        action="store_true",
+        help="CNN backbones: also pool the half-stride stage (MaskEmbedder multi_scale)",
+    )
     parser.add_argument("--shots", type=_int_list, default=[1, 2, 3, 5, 10], help="memory sizes in images")
     parser.add_argument("--seeds", type=int, default=5, help="number of seeds (0 .. N-1)")
     parser.add_argument("--test-images", type=int, default=20)
@@ -402,6 +410,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cache_bytes=0,
         device=args.device,
         autocast_dtype=torch.bfloat16 if args.bf16 else None,
+        multi_scale=args.multi_scale,
     )
     vectors = embed_images(images, embedder, progress)
     embedded = time.perf_counter()
@@ -423,6 +432,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "embedder_id": embedder.embedder_id,
             "long_side": embedder.long_side,
             "bf16": bool(args.bf16),
+            "multi_scale": bool(args.multi_scale),
             "shots": list(args.shots),
             "seeds": seeds,
             "test_images": args.test_images,

@@ -368,6 +368,96 @@ def test_granularity_follows_the_class_not_sam_confidence():
         fitted.choose_granularity(levels[np.zeros(3, bool)])
 
 
+# -- centring and thresholds from few exemplars ------------------------------------------------
+
+
+def offset_world(seed: int, n_classes: int = 4, shots: int = 6, common: float = 3.0):
+    """Clusters sharing a strong common component (like post-ReLU CNN features): all cosines are
+    high, the class information lives in small deviations."""
+    rng = np.random.default_rng(seed)
+    shared = unit(rng.normal(size=D))
+    centers = unit(common * shared + unit(rng.normal(size=(n_classes + 1, D))))
+    labels = [f"c{c}" for c in range(n_classes)]
+    memory = []
+    for c, label in enumerate(labels):
+        memory += exemplars(around(centers[c], shots, 0.15, rng), label)
+    return MemorySnapshot.from_exemplars(memory), centers, rng
+
+
+def test_centre_is_the_shrunk_mean_of_class_means_and_applies_to_queries_too():
+    snapshot, centers, rng = offset_world(seed=20)
+    snapshot = MemorySnapshot.from_exemplars(
+        [e for e in exemplars(snapshot.vectors, None, "background")[:2]]
+        + [
+            Exemplar(*key, label, "positive", v)
+            for key, label, v in zip(snapshot.keys, snapshot.labels, snapshot.vectors, strict=True)
+        ]
+    )
+    settings = ClassifierSettings(centring="classes", centring_prior=2.0)
+    fitted = fit_classifier(snapshot, settings)
+    groups = [
+        snapshot.vectors[(snapshot.labels == label) & (snapshot.kinds == kind)]
+        for label, kind in {
+            (label, kind)
+            for label, kind in zip(snapshot.labels.tolist(), snapshot.kinds.tolist(), strict=True)
+        }
+    ]
+    expected = sum(g.astype(np.float64).mean(axis=0) for g in groups) / (len(groups) + 2.0)
+    np.testing.assert_allclose(fitted.centre, expected, atol=1e-6)
+    # scores are cosines of the centred, renormalised vectors: brute force against the prototypes
+    queries = around(centers[0], 5, 0.15, rng)
+    moved = unit(queries - expected)
+    c0 = unit(snapshot.vectors[snapshot.labels == "c0"] - expected).sum(axis=0)
+    scores = fitted.classify(queries).scores  # 6 positives per class: prototype scores ("auto")
+    np.testing.assert_allclose(scores[:, 0], moved @ (c0 / np.linalg.norm(c0)), atol=1e-5)
+    exemplar_mean = fit_classifier(snapshot, ClassifierSettings(centring="exemplars", centring_prior=0.0))
+    np.testing.assert_allclose(exemplar_mean.centre, snapshot.vectors.mean(axis=0), atol=1e-6)
+    assert not fit_classifier(snapshot, ClassifierSettings(centring="none")).centre.any()
+
+
+def test_centring_removes_a_common_component_and_widens_class_gaps():
+    snapshot, centers, rng = offset_world(seed=21)
+    members = around(centers[1], 200, 0.15, rng)
+    gaps = {}
+    for centring in ("none", "classes"):
+        fitted = fit_classifier(snapshot, ClassifierSettings(centring=centring))
+        decision = fitted.classify(members)
+        assert np.mean(decision.labels == "c1") >= 0.9
+        ordered = np.sort(decision.scores, axis=1)
+        gaps[centring] = float(np.median(ordered[:, -1] - ordered[:, -2]))
+        prototypes = fitted._bank.matrix[: len(fitted.labels)]
+        off_diagonal = (prototypes @ prototypes.T)[~np.eye(len(fitted.labels), dtype=bool)]
+        gaps[centring + " prototype cosine"] = float(off_diagonal.mean())
+    assert gaps["none prototype cosine"] > 0.8 and gaps["classes prototype cosine"] < 0.5
+    assert gaps["classes"] > 2 * gaps["none"]
+
+
+def test_one_exemplar_per_class_still_refuses_an_untaught_class():
+    """No class has its own leave-one-out scores: the impostor bound (scores a class wins when a
+    sample's own class is hidden) is the threshold."""
+    rng = np.random.default_rng(22)
+    centers = unit(rng.normal(size=(7, D)))
+    memory = []
+    for c in range(6):
+        memory += exemplars(around(centers[c], 1, 0.6, rng), f"c{c}", annotation=f"a{c}")
+    snapshot = MemorySnapshot.from_exemplars(memory)
+    with_impostors = fit_classifier(snapshot)
+    assert not with_impostors.threshold_learnt.any()
+    without = fit_classifier(snapshot, ClassifierSettings(impostor_quantile=0.0))
+    assert np.all(without.thresholds == without.settings.default_threshold)
+    outsiders = around(centers[6], 200, 0.6, rng)
+    members = np.concatenate([around(centers[c], 30, 0.6, rng) for c in range(6)])
+    truth = np.repeat([f"c{c}" for c in range(6)], 30)
+    refused = {
+        name: np.mean(fitted.classify(outsiders).labels == None)  # noqa: E711
+        for name, fitted in (("with", with_impostors), ("without", without))
+    }
+    assert refused["with"] >= 0.8 and refused["with"] > refused["without"] + 0.3
+    decision = with_impostors.classify(members)
+    labelled = decision.labels != None  # noqa: E711
+    assert labelled.mean() >= 0.6 and np.mean(decision.labels[labelled] == truth[labelled]) >= 0.95
+
+
 # -- settings ------------------------------------------------------------------------------------
 
 
@@ -386,6 +476,9 @@ def test_granularity_follows_the_class_not_sam_confidence():
         (dict(threshold_min_exemplars=1), "threshold_min_exemplars"),
         (dict(default_threshold=3.0), "default_threshold"),
         (dict(calibration_max_exemplars=0), "calibration_max_exemplars"),
+        (dict(centring="median"), "centring"),
+        (dict(centring_prior=-1.0), "centring_prior"),
+        (dict(impostor_quantile=0.6), "impostor_quantile"),
     ],
 )
 def test_settings_are_validated(kwargs, message):

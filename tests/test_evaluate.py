@@ -97,6 +97,24 @@ def test_online_curves_are_consistent(results):
     assert mean["edit_rate"][0] == 1.0 and mean["rejections"][0] == mean["objects"][0]
 
 
+def test_multi_scale_and_centring_flags_reach_the_embedder_and_classifier(coco_dataset, tmp_path):
+    annotations_path, image_dir = coco_dataset
+    out = tmp_path / "multi_scale.json"
+    argv = [
+        "--coco", str(annotations_path), "--images", str(image_dir),
+        "--embedder-model", "test_efficientnet", "--embedder-weights", "random", "--multi-scale",
+        "--shots", "2", "--seeds", "1", "--test-images", "4", "--online-images", "0",
+        "--centring", "none", "--impostor-quantile", "0", "--json", str(out), "--no-progress",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["multi_scale"] is True and settings["embedder_id"] == "test_efficientnet@random+ms"
+    assert settings["classifier"]["centring"] == "none" and settings["classifier"]["impostor_quantile"] == 0
+    with pytest.raises(SystemExit):  # a ViT has no half-stride stage: a clear usage error
+        main([*argv[:4], "--embedder-model", "test_vit", "--multi-scale", "--shots", "2", "--seeds", "1",
+              "--test-images", "4", "--online-images", "0", "--no-progress"])  # fmt: skip
+
+
 def test_cli_entry_point_reports_bad_splits(coco_dataset):
     annotations_path, image_dir = coco_dataset
     completed = subprocess.run(
