@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import time
 import uuid
@@ -50,6 +51,7 @@ import samsem_plugin
 from backend.auth import install_auth
 from backend.images import ImageFetchError
 from backend.learning import parse_webhook
+from backend.messages import quiet_url_loggers, shorten
 from backend.runtime import Runtime, TaskDataError, project_from_request
 from backend.settings import Settings, SettingsError
 from samsem_plugin.errors import WeightsError
@@ -64,6 +66,9 @@ MODEL_CLASS = "samsem"
 DEFAULT_PROJECT = "default"
 """Project id used when a ``/predict`` body names none (e.g. a hand-made request)."""
 INTERACTIVE_TYPE_ORDER = ("BrushLabels", "PolygonLabels", "RectangleLabels")
+UNSAFE_ID_CHARACTERS = re.compile(r"[^0-9A-Za-z_.-]")
+RETRY_AFTER_SECONDS = 30
+"""``Retry-After`` of a 503 answered because the learning queue is full."""
 
 routes = Blueprint("samsem", __name__)
 
@@ -71,10 +76,12 @@ routes = Blueprint("samsem", __name__)
 class ApiError(Exception):
     """A request we refuse: ``status`` (4xx) and a message naming the problem."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
+        message = shorten(message)
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = dict(headers or {})
 
 
 # -- app factory ---------------------------------------------------------------------------------
@@ -84,9 +91,11 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Flask:
     """The Flask app serving Label Studio's ML backend API with ``settings``.
 
     ``runtime`` defaults to a new :class:`~backend.runtime.Runtime` (models are built lazily on
-    the first prediction or learning job, never here).
+    the first prediction or learning job, never here). Library loggers that would print whole
+    URLs are kept at INFO (:func:`backend.messages.quiet_url_loggers`).
     """
     runtime = runtime if runtime is not None else Runtime(settings)
+    quiet_url_loggers()
     app = Flask("samsem")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False
@@ -110,7 +119,9 @@ def _install_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(error: ApiError):
         logger.info("%s %s → %d: %s", request.method, request.path, error.status, error.message)
-        return _error(error.status, error.message)
+        response, status = _error(error.status, error.message)
+        response.headers.update(error.headers)
+        return response, status
 
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException):
@@ -151,10 +162,16 @@ def _json_object() -> dict[str, Any]:
     raw = request.get_data(cache=True)
     if not raw:
         raise ApiError(400, "request body: expected a JSON object, got an empty body")
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    if request.content_length is None and limit is not None and len(raw) >= limit:
+        # a chunked body is cut at the limit by werkzeug: refuse it instead of parsing a part
+        raise ApiError(413, f"request body too large: {limit} bytes or more (MAX_REQUEST_MB)")
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as error:
         raise ApiError(400, f"request body: expected valid JSON ({error})") from None
+    except RecursionError:
+        raise ApiError(400, "request body: expected valid JSON, got values nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"request body: expected a JSON object, got {type(body).__name__}")
     return body
@@ -221,8 +238,12 @@ def setup():
 def versions():
     runtime = _runtime()
     project = request.args.get("project")
-    if project:
-        return jsonify(versions=runtime.versions(project_from_request(project)))
+    if project is not None:
+        try:
+            project = project_from_request(project)
+        except ValueError as error:
+            raise ApiError(400, str(error)) from None
+        return jsonify(versions=runtime.versions(project))
     return jsonify(versions=sorted({v for p in runtime.known_projects() for v in runtime.versions(p)}))
 
 
@@ -242,7 +263,7 @@ def webhook():
     runtime = _runtime()
     body = _json_object()
     try:
-        event = parse_webhook(body)
+        event = parse_webhook(body, body_bytes=request.content_length or len(request.get_data(cache=True)))
     except ValueError as error:
         raise ApiError(400, str(error)) from None
     if event.project is not None and event.label_config is not None:
@@ -254,11 +275,15 @@ def webhook():
             )
     if not event.jobs:
         return jsonify(status="ignored", action=event.action)
-    for job in event.jobs:
-        if not runtime.queue.submit(job):
-            raise ApiError(
-                503, f"learning queue full ({runtime.queue.max_size} jobs waiting); {job.key} dropped"
-            )
+    if not runtime.queue.submit_all(event.jobs):
+        queue = runtime.queue
+        raise ApiError(
+            503,
+            f"learning queue full ({queue.qsize()} jobs, {queue.waiting_bytes} bytes waiting; limits "
+            f"LEARN_QUEUE_MAX={queue.max_size}, LEARN_QUEUE_MB={(queue.max_bytes or 0) >> 20}): "
+            f"{event.action} not queued; send it again later, or START_TRAINING once the queue drained",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
     return jsonify(status="queued", action=event.action, jobs=len(event.jobs))
 
 
@@ -320,7 +345,10 @@ def _prediction(results: list[dict], version: str) -> dict[str, Any]:
 
 
 def _task_id(task: Mapping[str, Any]) -> str:
-    return str(task.get("id", "x"))
+    """The task id for region ids and logs: its safe characters only, at most 40 (``"x"`` if none)."""
+    value = task.get("id")
+    text = str(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else ""
+    return UNSAFE_ID_CHARACTERS.sub("_", text)[:40] or "x"
 
 
 def results_for_controls(regions: Regions, controls: Sequence[ControlSpec], id_prefix: str) -> list[dict]:
@@ -352,7 +380,7 @@ def _predict_batch(
             with runtime.metrics.observe_stage("encode"):
                 results = results_for_controls(regions, config.output_controls, f"t{task_id}-")
         except (TaskDataError, ImageFetchError) as error:
-            logger.warning("project %s task %s: empty prediction: %s", project, task_id, error)
+            logger.warning("project %s task %s: empty prediction: %s", project, task_id, shorten(str(error)))
             runtime.count_task_failure(type(error).__name__)
             results = []
         except Exception:

@@ -57,6 +57,8 @@ logger = logging.getLogger(__name__)
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
 LOCAL_FILES_PREFIX = "/data/local-files/"
 MAX_REDIRECTS = 5
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+"""Pillow formats decoded (JPEG includes MPO); others (EPS runs Ghostscript, PSD...) are "not an image"."""
 TOKEN_REFRESH_PATH = "/api/token/refresh/"
 ACCESS_TOKEN_MARGIN_SECONDS = 30.0
 
@@ -318,14 +320,15 @@ def decode_image(data: bytes, *, max_pixels: int, url: str = "<bytes>") -> np.nd
     """Encoded image bytes → ``(H, W, 3) uint8`` RGB, EXIF orientation applied.
 
     ``H``/``W`` are the displayed (EXIF-transposed) size. The first frame of animated or
-    multi-page files is used. Alpha is composited over white; 16-bit samples are scaled by 1/257.
+    multi-page files is used; only :data:`IMAGE_FORMATS` are decoded. Alpha is composited over
+    white; 16-bit samples are scaled by 1/257.
 
     Raises:
         ImageFetchError: (422) more than ``max_pixels`` pixels (checked from the header, before
             decoding), not an image, corrupt or truncated, unsupported mode.
     """
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
             width, height = image.size
             if width * height > max_pixels:
                 raise _too_many_pixels(url, width, height, max_pixels)
@@ -541,7 +544,7 @@ class ImageFetcher:
     def _cache_key(self, url: str, task_id: int | None) -> str:
         if url[:5].lower() == "data:":
             return "data:" + hashlib.blake2b(url.encode(), digest_size=16).hexdigest()
-        if urlsplit(url).scheme.lower() in CLOUD_SCHEMES:
+        if url.split(":", 1)[0].lower() in CLOUD_SCHEMES:
             return f"{url}#task={task_id}"
         return url
 

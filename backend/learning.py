@@ -14,10 +14,13 @@ in the request); :class:`LearningHandler` runs them in the background queue:
   Label Studio API (paged, progress logged) and the memory is replaced atomically at the end.
 * anything else → no job (acknowledged as ``"ignored"``).
 
-Idempotence and ordering: per annotation the ``updated_at`` last learnt is kept in the store's
-project metadata (key ``"learnt/<space>/<annotation id>"``, value the timestamp or ``"deleted"``);
-an event older than (or as old as) what was learnt is skipped, and a deleted annotation is never
-resurrected by a late event (Label Studio never reuses annotation ids). So replayed and
+Idempotence and ordering: every change is written to the store *versioned* by the annotation's
+``updated_at``: in the same transaction as the write, the store ignores an update older than the
+version it holds and any update of a deleted annotation (Label Studio never reuses annotation
+ids). This holds across processes (several gunicorn workers learning at once). Per annotation the
+``updated_at`` last learnt is also kept in the project metadata (key
+``"learnt/<space>/<annotation id>"``, value the timestamp or ``"deleted"``, never moving back) so
+that an event not newer than what was learnt is skipped before any work. So replayed and
 out-of-order events leave memory = f(current annotations).
 
 Which regions are learnt: brush / polygon / rectangle results of the config's output controls.
@@ -36,10 +39,12 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from backend.jobs import Job
-from backend.runtime import MODEL_VERSION_PREFIX
+from backend.messages import brief
+from backend.runtime import MODEL_VERSION_PREFIX, project_from_request, safe_id
 from samsem_plugin.label_config import ProjectConfig
 from samsem_plugin.ls_format import results_to_annotated, results_to_served
 from samsem_plugin.memory import Exemplar
+from samsem_plugin.store import normalise_timestamp
 
 if TYPE_CHECKING:
     from backend.runtime import Runtime
@@ -57,6 +62,8 @@ TRAIN_ACTION = "START_TRAINING"
 
 DELETED = "deleted"
 """Tombstone stored for a deleted annotation."""
+MAX_ACTION_LENGTH = 64
+"""Longest webhook ``action`` accepted (Label Studio's are short upper-case names)."""
 TRAIN_PAGE_SIZE = 100
 TRAIN_PROGRESS_EVERY = 25
 
@@ -83,11 +90,13 @@ class WebhookEvent:
 
 
 def _id_of(record: Any, what: str) -> str:
+    """The id of a record (``{"id": ...}``) or the id itself, checked by :func:`safe_id`."""
     if isinstance(record, Mapping):
         record = record.get("id")
-    if isinstance(record, bool) or not isinstance(record, (int, str)) or str(record).strip() == "":
-        raise ValueError(f"{what}: expected an object with an integer or string 'id', got {record!r}")
-    return str(record).strip()
+    try:
+        return safe_id(record, what)
+    except ValueError:
+        raise ValueError(f"{what}: expected an object with an integer 'id', got {brief(record)}") from None
 
 
 def _webhook_project(body: Mapping[str, Any]) -> str | None:
@@ -102,19 +111,21 @@ def _webhook_project(body: Mapping[str, Any]) -> str | None:
                 break
     if project is None:
         return None
-    return _id_of(project, "project")
+    return project_from_request(project)
 
 
-def parse_webhook(body: Mapping[str, Any]) -> WebhookEvent:
+def parse_webhook(body: Mapping[str, Any], body_bytes: int = 0) -> WebhookEvent:
     """Read a webhook body into a :class:`WebhookEvent` (see module docstring for the actions).
+
+    ``body_bytes`` (the request's size) is shared out as the jobs' ``size_bytes``.
 
     Raises:
         ValueError: no ``action``, or a learning action whose body lacks what it needs (project,
-            annotation id); the message names the missing field.
+            annotation id) or holds unusable ids; the message names the field.
     """
     action = body.get("action")
-    if not isinstance(action, str) or not action:
-        raise ValueError(f"action: expected a webhook action string, got {action!r}")
+    if not isinstance(action, str) or not action or len(action) > MAX_ACTION_LENGTH:
+        raise ValueError(f"action: expected a webhook action name, got {brief(action)}")
     project = _webhook_project(body)
     project_record = body.get("project")
     label_config = project_record.get("label_config") if isinstance(project_record, Mapping) else None
@@ -122,13 +133,15 @@ def parse_webhook(body: Mapping[str, Any]) -> WebhookEvent:
     jobs = _jobs_for(action, project, body)
     if jobs and project is None:
         raise ValueError(f"{action}: expected 'project' (object with 'id') in the webhook body")
+    for job in jobs:
+        job.size_bytes = max(1, body_bytes // len(jobs))
     return WebhookEvent(action=action, project=project, label_config=label_config, jobs=tuple(jobs))
 
 
 def _annotation_job(action: str, project: str | None, annotation: Any, task: Any) -> Job:
-    annotation_id = _id_of(annotation, "annotation")
     if not isinstance(annotation, Mapping):
-        raise ValueError(f"{action}: expected 'annotation' to be an object, got {annotation!r}")
+        raise ValueError(f"{action}: expected 'annotation' to be an object, got {brief(annotation)}")
+    annotation_id = _id_of(annotation, "annotation")
     payload = {"annotation": dict(annotation), "task": dict(task) if isinstance(task, Mapping) else None}
     return _job(KIND_ANNOTATION, project, payload, f"{action} project={project} annotation={annotation_id}")
 
@@ -143,8 +156,13 @@ def _jobs_for(action: str, project: str | None, body: Mapping[str, Any]) -> list
     if action == BULK_CREATED_ACTION:
         annotations = body.get("annotations")
         if not isinstance(annotations, list):
-            raise ValueError(f"{action}: expected 'annotations' to be a list, got {annotations!r}")
-        tasks = {str(t.get("id")): t for t in body.get("tasks") or [] if isinstance(t, Mapping)}
+            raise ValueError(f"{action}: expected 'annotations' to be a list, got {brief(annotations)}")
+        task_list = body.get("tasks") or []
+        if not isinstance(task_list, list):
+            raise ValueError(
+                f"{action}: expected 'tasks' to be a list of task objects, got {brief(task_list)}"
+            )
+        tasks = {str(t.get("id")): t for t in task_list if isinstance(t, Mapping)}
         return [
             _annotation_job(
                 action, project, item, tasks.get(str(item.get("task"))) if isinstance(item, Mapping) else None
@@ -157,7 +175,7 @@ def _jobs_for(action: str, project: str | None, body: Mapping[str, Any]) -> list
             records = [body["annotation"]]
         if not isinstance(records, list):
             raise ValueError(
-                f"{action}: expected 'annotations' to be a list of {{'id': ...}}, got {records!r}"
+                f"{action}: expected 'annotations' to be a list of {{'id': ...}}, got {brief(records)}"
             )
         ids = [_id_of(record, f"{action} annotations[{i}]") for i, record in enumerate(records)]
         key = f"{action} project={project} annotations={','.join(ids)}"
@@ -179,6 +197,16 @@ def _timestamp(value: Any) -> datetime | None:
     except ValueError:
         return None
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=datetime.now().astimezone().tzinfo)
+
+
+def store_version(updated_at: Any) -> str | None:
+    """``updated_at`` as the store's version (UTC ISO 8601), or None when absent or unparsable."""
+    if not isinstance(updated_at, str):
+        return None
+    try:
+        return normalise_timestamp(updated_at)
+    except ValueError:
+        return None
 
 
 def is_stale(event_updated_at: Any, learnt: Any) -> bool:
@@ -229,8 +257,10 @@ class LearningHandler:
         return self.runtime.store.get_meta(project, self._state_key(annotation_id))
 
     def _mark(self, project: str, annotation_id: str, state: Any) -> None:
-        if state is not None:
-            self.runtime.store.set_meta(project, self._state_key(annotation_id), state)
+        """Record what was learnt of an annotation; an older timestamp never replaces a newer one."""
+        if state is None or (state != DELETED and is_stale(state, self._learnt(project, annotation_id))):
+            return
+        self.runtime.store.set_meta(project, self._state_key(annotation_id), state)
 
     # -- jobs --------------------------------------------------------------------------------
 
@@ -251,15 +281,16 @@ class LearningHandler:
             )
             return
         memory = self.runtime.memory(project)
+        version = store_version(updated_at)
         if annotation.get("was_cancelled"):
-            removed = memory.remove_annotation(annotation_id)
+            removed = memory.remove_annotation(annotation_id, updated_at=version)
             logger.info(
                 "project %s annotation %s: cancelled, %d exemplars removed", project, annotation_id, removed
             )
         else:
             task = self._task_of(project, annotation, task)
             exemplars = self.exemplars_of(project, annotation, task)
-            changed = memory.replace_annotation(str(task["id"]), annotation_id, exemplars)
+            changed = memory.replace_annotation(str(task["id"]), annotation_id, exemplars, updated_at=version)
             logger.info(
                 "project %s annotation %s: %d exemplars stored (%s)",
                 project,
@@ -293,14 +324,15 @@ class LearningHandler:
         for task in self._annotated_tasks(project):
             tasks_seen += 1
             for annotation in self._annotations_of(task):
-                if annotation.get("was_cancelled"):
-                    continue
                 annotation_id = _id_of(annotation, "annotation")
-                collected[(str(task["id"]), annotation_id)] = self.exemplars_of(project, annotation, task)
+                cancelled = bool(annotation.get("was_cancelled"))  # kept, with no exemplars
+                exemplars = [] if cancelled else self.exemplars_of(project, annotation, task)
+                collected[(str(task["id"]), annotation_id)] = exemplars
                 states[annotation_id] = annotation.get("updated_at")
             if tasks_seen % self.progress_every == 0:
                 logger.info("project %s training: %d annotated tasks read so far", project, tasks_seen)
-        changed = self.runtime.memory(project).replace_all(collected)
+        versions = {annotation_id: store_version(updated_at) for annotation_id, updated_at in states.items()}
+        changed = self.runtime.memory(project).replace_all(collected, updated_at=versions)
         for annotation_id, updated_at in states.items():
             self._mark(project, annotation_id, updated_at)
         count = sum(len(exemplars) for exemplars in collected.values())
@@ -331,7 +363,8 @@ class LearningHandler:
         if not results and not served_results:
             return []
         if not isinstance(results, list) or not isinstance(served_results, list):
-            raise LearningError(f"annotation {annotation.get('id')}: expected 'result' lists")
+            raise LearningError(f"annotation {brief(annotation.get('id'))}: expected 'result' lists")
+        check_result_sizes(results + served_results, self.runtime.settings.max_image_pixels)
         image = self.runtime.task_image(task, config)
         height, width = image.shape[:2]
         annotated = [
@@ -357,16 +390,26 @@ class LearningHandler:
         self, project: str, annotation: Mapping[str, Any], task: Mapping[str, Any] | None
     ) -> Mapping[str, Any]:
         if isinstance(task, Mapping) and isinstance(task.get("data"), Mapping) and task.get("id") is not None:
+            _id_of(task, "task")
             return task
         task_id = annotation.get("task")
         if task_id is None:
-            raise LearningError(f"annotation {annotation.get('id')}: no task in the webhook body")
+            raise LearningError(f"annotation {brief(annotation.get('id'))}: no task in the webhook body")
         if self.runtime.fetcher.auth.base_url is None:
             raise LearningError(
-                f"annotation {annotation.get('id')}: the webhook has no task data and "
+                f"annotation {brief(annotation.get('id'))}: the webhook has no task data and "
                 "LABEL_STUDIO_URL is not set"
             )
-        return self.runtime.fetcher.get_json(f"/api/tasks/{int(task_id)}/")
+        if isinstance(task_id, bool) or not isinstance(task_id, int):
+            raise LearningError(
+                f"annotation {brief(annotation.get('id'))}: task: expected an integer id, "
+                f"got {brief(task_id)}"
+            )
+        task = self.runtime.fetcher.get_json(f"/api/tasks/{task_id}/")
+        if not isinstance(task, Mapping) or not isinstance(task.get("data"), Mapping):
+            raise LearningError(f"/api/tasks/{task_id}/: expected a task object with 'data'")
+        _id_of(task, "task")
+        return task
 
     def _annotated_tasks(self, project: str):
         """Tasks of ``project`` that have annotations, page by page from ``/api/tasks/``."""
@@ -395,6 +438,27 @@ class LearningHandler:
             return annotations
         answer = self.runtime.fetcher.get_json(f"/api/tasks/{int(task['id'])}/annotations/")
         return [a for a in answer if isinstance(a, Mapping)] if isinstance(answer, list) else []
+
+
+def check_result_sizes(results: Sequence[Any], max_pixels: int) -> None:
+    """Refuse results whose ``original_width`` × ``original_height`` exceed ``max_pixels``.
+
+    A brush RLE of a claimed size is decoded into a mask of that size: a few hundred bytes could
+    otherwise ask for gigabytes. Sizes that are not numbers are left to the decoder (ValueError).
+
+    Raises:
+        LearningError: naming the result and the limit.
+    """
+    for index, result in enumerate(results):
+        if not isinstance(result, Mapping):
+            continue
+        width, height = result.get("original_width"), result.get("original_height")
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (width, height))
+        if numbers and float(width) * float(height) > max_pixels:
+            raise LearningError(
+                f"result {brief(result.get('id', index))}: original size {brief(width)} x "
+                f"{brief(height)} is more than MAX_IMAGE_PIXELS={max_pixels} pixels"
+            )
 
 
 def learnable_controls(config: ProjectConfig) -> set[str]:

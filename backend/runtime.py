@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,8 +25,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from prometheus_client import Counter
 
-from backend.images import ImageFetcher
+from backend.images import ImageFetcher, ImageFetchError
 from backend.jobs import Job, LearningQueue
+from backend.messages import brief
 from backend.metrics import Metrics
 from backend.settings import RANDOM_WEIGHTS, Settings
 from samsem_plugin.classifier import ClassifierSettings
@@ -46,6 +48,10 @@ MODEL_VERSION_PREFIX = "samsem"
 META_LABEL_CONFIG = "label_config"
 META_MODEL_VERSIONS = "model_versions"
 MAX_REMEMBERED_VERSIONS = 200
+MAX_LABEL_CONFIG_CHARS = 1 << 20
+"""Longest label config accepted (real ones are a few KiB; parsed configs are cached)."""
+SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+"""Project and annotation ids accepted from requests."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,13 @@ def build_models(settings: Settings) -> Models:
         stability_score_thresh=settings.stability_score_thresh,
         box_nms_thresh=settings.box_nms_thresh,
     )
-    pipeline = Pipeline(proposer, embedder, auto_settings=auto_settings, max_regions=settings.max_regions)
+    pipeline = Pipeline(
+        proposer,
+        embedder,
+        auto_settings=auto_settings,
+        max_regions=settings.max_regions,
+        proposal_cache_bytes=settings.proposal_cache_bytes,
+    )
     return Models(proposer=proposer, embedder=embedder, pipeline=pipeline)
 
 
@@ -106,18 +118,40 @@ def embedder_space(settings: Settings) -> str:
     return f"{settings.embedder_model}@{tag}"
 
 
+def safe_id(value: object, what: str) -> str:
+    """An id from untrusted input (Label Studio ids are integers) as a string.
+
+    Raises:
+        ValueError: not an integer or a string of 1-64 letters, digits, ``_`` or ``-`` (such ids
+            are safe in logs, metric labels and region ids).
+    """
+    text = str(value).strip() if isinstance(value, (int, str)) and not isinstance(value, bool) else None
+    if text is None or not SAFE_ID.fullmatch(text):
+        raise ValueError(
+            f"{what}: expected an integer id (or 1-64 letters, digits, '_', '-'), got {brief(value)}"
+        )
+    return text
+
+
 def project_from_request(value: object) -> str:
     """Project id from a ``/predict`` or ``/setup`` body: ``"6.1795301086"`` → ``"6"``; ``6`` → ``"6"``.
 
     Raises:
-        ValueError: not a non-empty string or integer.
+        ValueError: not a string like ``"6.1795301086"`` or an integer (see :func:`safe_id`).
     """
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise ValueError(f"project: expected a string like '6.1795301086' or an integer, got {value!r}")
-    project = str(value).split(".", 1)[0].strip()
-    if not project:
-        raise ValueError(f"project: expected a non-empty project id, got {value!r}")
-    return project
+        raise ValueError(f"project: expected a string like '6.1795301086' or an integer, got {brief(value)}")
+    return safe_id(str(value).split(".", 1)[0], "project")
+
+
+def task_id_of(task: Mapping[str, Any]) -> int | None:
+    """``task["id"]`` as an int when it is one (or a string of ASCII digits), else None."""
+    value = task.get("id")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 20:
+        return int(value)
+    return None
 
 
 class TaskDataError(ValueError):
@@ -133,15 +167,15 @@ def task_image_url(task: Mapping[str, Any], config: ProjectConfig) -> str:
     """
     data = task.get("data")
     if not isinstance(data, Mapping):
-        raise TaskDataError(f"task {task.get('id')}: expected a 'data' object, got {data!r}")
+        raise TaskDataError(f"task {brief(task.get('id'))}: expected a 'data' object, got {brief(data)}")
     keys = [control.image_value_key for control in config.output_controls] + list(config.image_keys)
     for key in dict.fromkeys(keys):
         value = data.get(key)
         if isinstance(value, str) and value.strip():
             return value
     raise TaskDataError(
-        f"task {task.get('id')}: no image in data: expected a URL under {list(dict.fromkeys(keys))}, "
-        f"got keys {sorted(map(str, data))}"
+        f"task {brief(task.get('id'))}: no image in data: expected a URL under {list(dict.fromkeys(keys))}, "
+        f"got keys {brief(sorted(map(str, data)))}"
     )
 
 
@@ -166,7 +200,7 @@ class Runtime:
         models_factory: Callable[[Settings], Models] = build_models,
         handler: Callable[[Job], None] | None = None,
     ) -> None:
-        from backend.learning import LearningHandler  # deferred: learning.py uses this module
+        from backend.learning import LearningError, LearningHandler  # deferred: learning.py uses this module
 
         self.settings = settings
         self.metrics = Metrics()
@@ -177,6 +211,8 @@ class Runtime:
         self.queue = LearningQueue(
             handler if handler is not None else self.learning,
             max_size=settings.queue_max,
+            max_bytes=settings.queue_max_bytes,
+            expected_errors=(LearningError, ImageFetchError, ValueError),
             on_done=self._job_done,
         )
         self._models_factory = models_factory
@@ -301,8 +337,13 @@ class Runtime:
         """Parse, remember and persist the project's label config.
 
         Raises:
-            ValueError: the config is invalid or has no supported control (message names it).
+            ValueError: the config is invalid, longer than :data:`MAX_LABEL_CONFIG_CHARS` or has no
+                supported control (message names it).
         """
+        if isinstance(xml, str) and len(xml) > MAX_LABEL_CONFIG_CHARS:
+            raise ValueError(
+                f"label config: expected at most {MAX_LABEL_CONFIG_CHARS} characters of XML, got {len(xml)}"
+            )
         config = parse_label_config(xml)
         with self._configs_lock:
             current = self._configs.get(project)
@@ -341,10 +382,8 @@ class Runtime:
             backend.images.ImageFetchError: the image cannot be fetched or decoded.
         """
         url = task_image_url(task, config)
-        task_id = task.get("id")
-        task_id = int(task_id) if isinstance(task_id, int) or str(task_id).isdigit() else None
         with self.metrics.observe_stage("fetch"):
-            return self.fetcher.fetch(url, task_id)
+            return self.fetcher.fetch(url, task_id_of(task))
 
     # -- metrics -----------------------------------------------------------------------------
 
@@ -368,6 +407,9 @@ class Runtime:
         self.metrics.track_cache("image", lambda: self.fetcher.cache)
         self.metrics.track_cache("sam", lambda: self._models.proposer.cache if self._models else None)
         self.metrics.track_cache("embedder", lambda: self._models.embedder.cache if self._models else None)
+        self.metrics.track_cache(
+            "proposals", lambda: self._models.pipeline.proposal_cache if self._models else None
+        )
         self.metrics.track_encoder("sam", lambda: self._models.proposer.encoder_calls if self._models else 0)
         self.metrics.track_encoder(
             "embedder", lambda: self._models.embedder.forward_calls if self._models else 0

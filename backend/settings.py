@@ -6,9 +6,9 @@ misconfigured container fails at once with a message that says what to fix. An e
 (``VAR=``) counts as unset. Secrets (``LABEL_STUDIO_API_KEY``, ``BASIC_AUTH_PASS``,
 ``WEBHOOK_SECRET``) never appear in ``repr``, in :meth:`Settings.describe` or in error messages.
 
-Units: cache sizes in MiB (``*_CACHE_MB``, ``MAX_REQUEST_MB``), ``MAX_IMAGE_BYTES`` in bytes (a
-``K``/``M``/``G`` suffix, binary multiples, is accepted: ``64M``), ``MAX_IMAGE_PIXELS`` in pixels
-(width × height), ``FETCH_TIMEOUT`` in seconds.
+Units: cache sizes in MiB (``*_CACHE_MB``, ``MAX_REQUEST_MB``, ``LEARN_QUEUE_MB``),
+``MAX_IMAGE_BYTES`` in bytes (a ``K``/``M``/``G`` suffix, binary multiples, is accepted: ``64M``),
+``MAX_IMAGE_PIXELS`` in pixels (width × height), ``FETCH_TIMEOUT`` in seconds.
 """
 
 from __future__ import annotations
@@ -208,6 +208,7 @@ _VARS: dict[str, _Var] = {
     "sam_cache_mb": _Var("SAM_CACHE_MB", _parse_int, "an integer number of MiB >= 0", _at_least(0)),
     "embed_cache_mb": _Var("EMBED_CACHE_MB", _parse_int, "an integer number of MiB >= 0", _at_least(0)),
     "image_cache_mb": _Var("IMAGE_CACHE_MB", _parse_int, "an integer number of MiB >= 0", _at_least(0)),
+    "proposal_cache_mb": _Var("PROPOSAL_CACHE_MB", _parse_int, "an integer number of MiB >= 0", _at_least(0)),
     "max_image_pixels": _Var(
         "MAX_IMAGE_PIXELS", _parse_int, "an integer number of pixels >= 1", _at_least(1)
     ),
@@ -224,6 +225,7 @@ _VARS: dict[str, _Var] = {
     "fetch_timeout": _Var("FETCH_TIMEOUT", _parse_float, "a number of seconds > 0", lambda v: v > 0),
     "max_request_mb": _Var("MAX_REQUEST_MB", _parse_int, "an integer number of MiB >= 1", _at_least(1)),
     "queue_max": _Var("LEARN_QUEUE_MAX", _parse_int, "an integer >= 1", _at_least(1)),
+    "queue_max_mb": _Var("LEARN_QUEUE_MB", _parse_int, "an integer number of MiB >= 1", _at_least(1)),
     "prefetch_sam_embedding": _Var("PREFETCH_SAM_EMBEDDING", _parse_bool, "true or false"),
 }
 
@@ -255,14 +257,16 @@ class Settings:
     Classifier: ``unknown_policy`` (unlabelled | drop), ``classifier_method`` (auto | prototype |
     knn), ``knn_k``, ``min_margin`` and ``min_probability`` (``None`` = the library's default).
 
-    Caches (MiB): ``sam_cache_mb``, ``embed_cache_mb``, ``image_cache_mb``.
+    Caches (MiB): ``sam_cache_mb``, ``embed_cache_mb``, ``image_cache_mb``, ``proposal_cache_mb``
+    (embedded automatic proposals per image).
 
     Images: ``max_image_pixels`` (width × height), ``max_image_bytes`` (bytes),
     ``allowed_image_hosts`` (lower-case host names besides Label Studio's; ``"*"`` = any public
     host), ``allow_private_image_hosts``, ``local_files_root`` ← LOCAL_FILES_DOCUMENT_ROOT,
     ``fetch_timeout`` (seconds).
 
-    Learning: ``queue_max`` ← LEARN_QUEUE_MAX, ``prefetch_sam_embedding`` ← PREFETCH_SAM_EMBEDDING.
+    Learning: ``queue_max`` ← LEARN_QUEUE_MAX (jobs waiting), ``queue_max_mb`` ← LEARN_QUEUE_MB
+    (MiB of webhook bodies waiting), ``prefetch_sam_embedding`` ← PREFETCH_SAM_EMBEDDING.
 
     Constructing directly (tests) applies the same checks as :meth:`from_env` and raises
     :class:`SettingsError`.
@@ -300,6 +304,7 @@ class Settings:
     sam_cache_mb: int = 1024
     embed_cache_mb: int = 256
     image_cache_mb: int = 256
+    proposal_cache_mb: int = 256
     max_image_pixels: int = 50_000_000
     max_image_bytes: int = 64 * MIB
     allowed_image_hosts: tuple[str, ...] = ()
@@ -308,6 +313,7 @@ class Settings:
     fetch_timeout: float = 30.0
     max_request_mb: int = 64
     queue_max: int = 10_000
+    queue_max_mb: int = 256
     prefetch_sam_embedding: bool = True
 
     def __post_init__(self) -> None:
@@ -395,8 +401,16 @@ class Settings:
         return self.image_cache_mb * MIB
 
     @property
+    def proposal_cache_bytes(self) -> int:
+        return self.proposal_cache_mb * MIB
+
+    @property
     def max_request_bytes(self) -> int:
         return self.max_request_mb * MIB
+
+    @property
+    def queue_max_bytes(self) -> int:
+        return self.queue_max_mb * MIB
 
     def classifier_options(self) -> dict[str, Any]:
         """Keyword arguments for ``samsem_plugin.classifier.ClassifierSettings``.

@@ -6,18 +6,9 @@ app (cheap: models are built lazily on the first prediction, in the worker, afte
 
 from __future__ import annotations
 
-import logging
-
 from backend.app import create_app
+from backend.messages import configure_logging
 from backend.settings import Settings
-
-LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d %(threadName)s] %(name)s: %(message)s"
-
-
-def configure_logging(level: str) -> None:
-    """Root logging to stderr at ``level`` (idempotent: replaces earlier handlers)."""
-    logging.basicConfig(level=level, format=LOG_FORMAT, force=True)
-
 
 settings = Settings.from_env()
 configure_logging(settings.log_level)

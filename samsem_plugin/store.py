@@ -340,9 +340,15 @@ class ExemplarStore:
         The removal is remembered: without ``updated_at`` (a deletion; Label Studio never reuses
         annotation ids) no versioned update can bring the annotation back; with ``updated_at``
         (e.g. the annotation was cancelled at that time) only a newer versioned update can.
+        A versioned removal is ignored (0) when it is stale like an update would be: older than
+        the version applied, or the annotation is already removed at or after that time (a
+        deletion stays a deletion).
         """
         version = normalise_timestamp(updated_at)
         with self._transaction(write=True) as connection:
+            stored_version, was_removed = self._state(connection, project, space, annotation)
+            if version is not None and _is_stale(version, stored_version, was_removed):
+                return 0
             self._set_state(connection, project, space, annotation, version, removed=True)
             removed = connection.execute(
                 "DELETE FROM exemplars WHERE project = ? AND space = ? AND annotation = ?",
