@@ -87,6 +87,7 @@ def build_models(settings: Settings) -> Models:
         long_side=settings.embedder_long_side,
         cache_bytes=settings.embed_cache_bytes,
         device=device,
+        multi_scale=settings.embedder_multi_scale,
     )
     auto_settings = AutoMaskSettings(
         points_per_side=settings.points_per_side,
@@ -109,13 +110,15 @@ def embedder_space(settings: Settings) -> str:
     """The embedder id the settings' backbone will have, computed without building it.
 
     Same form as ``MaskEmbedder.embedder_id``: ``"<timm name>@random"`` or
-    ``"<timm name>@<sha256 prefix of the weights file>"`` (hashing the file takes ~1 s per GB).
+    ``"<timm name>@<sha256 prefix of the weights file>"`` (hashing the file takes ~1 s per GB), plus
+    ``"+ms"`` with ``EMBEDDER_MULTI_SCALE``.
     """
-    from samsem_plugin.embedder import file_sha256
+    from samsem_plugin.embedder import MULTI_SCALE_SUFFIX, file_sha256
 
     weights = settings.embedder_weights
     tag = RANDOM_WEIGHTS if weights == RANDOM_WEIGHTS else file_sha256(weights)
-    return f"{settings.embedder_model}@{tag}"
+    suffix = MULTI_SCALE_SUFFIX if settings.embedder_multi_scale else ""
+    return f"{settings.embedder_model}@{tag}{suffix}"
 
 
 def safe_id(value: object, what: str) -> str:

@@ -175,6 +175,7 @@ _VARS: dict[str, _Var] = {
         lambda text: RANDOM_WEIGHTS if text.strip().lower() == RANDOM_WEIGHTS else _parse_path(text),
         "a path to a weights file, or 'random'",
     ),
+    "embedder_multi_scale": _Var("EMBEDDER_MULTI_SCALE", _parse_bool, "true or false"),
     "embedder_long_side": _Var(
         "EMBEDDER_LONG_SIDE", _parse_int, "an integer number of pixels >= 16", _at_least(16)
     ),
@@ -239,8 +240,10 @@ class Settings:
     ``sam_checkpoint`` ← SAM_CHECKPOINT (default ``{weights_dir}/sam_vit_b_01ec64.pth`` and
     likewise per type; ``None`` for tiny-random); ``embedder_model`` ← EMBEDDER_MODEL;
     ``embedder_weights`` ← EMBEDDER_WEIGHTS (a ``Path`` or the string ``"random"``; default
-    ``{weights_dir}/{embedder_model}.safetensors``); ``embedder_long_side`` ←
-    EMBEDDER_LONG_SIDE (pixels, ``None`` = the embedder's default); ``device`` ← DEVICE
+    ``{weights_dir}/{embedder_model}.safetensors``); ``embedder_multi_scale`` ←
+    EMBEDDER_MULTI_SCALE (CNN backbones: also pool the stride-16 stage; false);
+    ``embedder_long_side`` ← EMBEDDER_LONG_SIDE (pixels, ``None`` = the embedder's default);
+    ``device`` ← DEVICE
     (auto | cpu | cuda | cuda:N, see :meth:`resolved_device`); ``model_dir`` ← MODEL_DIR.
 
     Label Studio and auth: ``label_studio_url`` ← LABEL_STUDIO_URL (with scheme, no trailing
@@ -278,6 +281,7 @@ class Settings:
     embedder_model: str = DEFAULT_EMBEDDER_MODEL
     embedder_weights: Path | str | None = None
     embedder_long_side: int | None = None
+    embedder_multi_scale: bool = False
     device: str = "auto"
     model_dir: Path = Path("./model_dir")
     label_studio_url: str | None = None
