@@ -151,11 +151,17 @@ def print_table(comparisons: list[Comparison], stream=None) -> None:
         target = "" if c.target_ratio is None else f"≥{c.target_ratio:g}"
         mark = "" if c.meets_target is None else (" ok" if c.meets_target else " MISS")
         print(
-            f"{c.name:38} {c.ours.median:10.4f} {c.baseline.median:12.4f} {c.ratio:8.1f} {target:>7}{mark}  {c.check}",
+            f"{c.name:38} {c.ours.median:10.4f} {c.baseline.median:12.4f} {c.ratio:8.1f}"
+            f" {target:>7}{mark}  {c.check}",
             file=stream,
         )
 
 
 def write_json(path: str, payload: dict[str, Any]) -> None:
     with open(path, "w") as handle:
-        json.dump(payload, handle, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))
+        json.dump(
+            payload,
+            handle,
+            indent=2,
+            default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o),
+        )
