@@ -32,6 +32,7 @@ SDK's COCO export does).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -154,6 +155,9 @@ def _as_bytes(rle: Sequence[int] | bytes | np.ndarray) -> np.ndarray:
     """``(B,) uint8`` from a list of ints 0..255 (or bytes); ValueError for anything else."""
     if isinstance(rle, (bytes, bytearray, memoryview)):
         return np.frombuffer(bytes(rle), dtype=np.uint8)
+    if type(rle) is list:  # the usual case (JSON): ints 0..255 convert in C, ~10x faster
+        with contextlib.suppress(TypeError, ValueError):
+            return np.frombuffer(bytes(rle), dtype=np.uint8)
     if isinstance(rle, str) or not isinstance(rle, (Sequence, np.ndarray)):
         raise ValueError(f"rle: expected a list of ints 0..255, got {type(rle).__name__}")
     try:

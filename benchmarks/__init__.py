@@ -1,0 +1,1 @@
+"""samsem performance benchmarks: ``python -m benchmarks --help``."""

@@ -1,0 +1,149 @@
+"""``python -m benchmarks`` works (a tiny subset, no timing assertions), and the optimisations the
+benchmarks measure keep results identical to segment-anything's own code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from segment_anything.modeling import ImageEncoderViT
+from segment_anything.modeling.image_encoder import Attention
+
+import samsem_plugin.sam_models as sam_models
+from benchmarks.harness import Comparison, Figure, Timing, compare_interleaved
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_quick_rle_benchmark_runs_and_reports_identical_bytes(tmp_path):
+    out = tmp_path / "bench.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--only", "rle", "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "rle encode 1024x1024 blob" in completed.stdout  # the table was printed
+    payload = json.loads(out.read_text())
+    assert payload["mode"] == "quick" and payload["machine"]["cpu_count"] >= 1
+    comparisons = payload["benchmarks"]["rle"]["comparisons"]
+    assert {name.split()[1] for name in comparisons} == {"encode", "decode"}
+    for name, comparison in comparisons.items():
+        assert comparison["check"].split(":")[1].split()[0] == "True", (name, comparison["check"])
+        for arm in ("ours", "baseline"):
+            assert len(comparison[arm]["seconds"]) == comparison[arm]["repeats"] >= 1
+        assert comparison["ratio"] == pytest.approx(
+            comparison["baseline"]["median_s"] / comparison["ours"]["median_s"]
+        )
+
+
+def test_unknown_benchmark_names_are_refused():
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--only", "rle,warp-drive"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode != 0 and "warp-drive" in completed.stderr
+
+
+def test_interleaved_comparison_alternates_and_computes_ratios():
+    calls = []
+    comparison = compare_interleaved(
+        "x",
+        ("a", lambda: calls.append("a")),
+        ("b", lambda: calls.append("b")),
+        repeats=2,
+        warmup=1,
+        target_ratio=2.0,
+        setup_ours=lambda: calls.append("setup-a"),
+        baseline_repeats=1,
+    )
+    assert calls == ["setup-a", "a", "b", "setup-a", "a", "b", "setup-a", "a"]
+    assert len(comparison.ours.seconds) == 2 and len(comparison.baseline.seconds) == 1
+    fixed = Comparison("y", Timing("a", [1.0, 3.0]), Timing("b", [4.0, 4.0]), target_ratio=2.0)
+    assert fixed.ratio == 2.0 and fixed.meets_target is True and fixed.ratio_of_minimums == 4.0
+    assert Figure("f", 5.0, "MiB", 4.0, higher_is_better=False).meets_target is False
+
+
+# -- optimisations keep results identical -----------------------------------------------------------
+
+
+def small_encoder(window: int) -> ImageEncoderViT:
+    """A small SAM image encoder with relative positions, windowed and global blocks, and random
+    (non-zero) relative-position tables."""
+    torch.manual_seed(0)
+    encoder = ImageEncoderViT(
+        img_size=128,
+        patch_size=16,
+        embed_dim=48,
+        depth=2,
+        num_heads=3,
+        out_chans=32,
+        qkv_bias=True,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True,
+        window_size=window,
+        global_attn_indexes=(1,),
+    ).eval()
+    for module in encoder.modules():
+        if isinstance(module, Attention):
+            torch.nn.init.normal_(module.rel_pos_h, std=0.5)
+            torch.nn.init.normal_(module.rel_pos_w, std=0.5)
+    return encoder
+
+
+@pytest.mark.parametrize("bias_bytes", [sam_models.ATTENTION_BIAS_BYTES, 4096, 700])
+def test_fused_attention_computes_the_stock_encoder_function(monkeypatch, bias_bytes):
+    """Also with a bias budget so small that queries and heads are split into many chunks."""
+    monkeypatch.setattr(sam_models, "ATTENTION_BIAS_BYTES", bias_bytes)
+    encoder = small_encoder(window=3)  # 8x8 tokens: windows padded to 9x9, plus a global block
+    pixels = torch.randn(1, 3, 128, 128) * 50
+    with torch.inference_mode():
+        expected = encoder(pixels)
+
+        class Holder(torch.nn.Module):
+            image_encoder = encoder
+
+        sam_models.use_fused_attention(Holder())
+        assert all(type(m) is not Attention for m in encoder.modules())
+        got = encoder(pixels)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(got, torch.zeros_like(got))
+
+
+def test_fused_attention_keeps_parameters_and_state_dict_keys():
+    encoder = small_encoder(window=4)
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+
+    class Holder(torch.nn.Module):
+        image_encoder = encoder
+
+    sam_models.use_fused_attention(Holder())
+    after = encoder.state_dict()
+    assert list(after) == list(before)
+    for key, value in before.items():
+        assert torch.equal(after[key], value)
+
+
+def test_grid_decoder_skipping_prompts_below_the_iou_threshold_matches_the_stock_generator():
+    """At 0.95 some grid points have no level above the predicted-IoU threshold: the proposer skips
+    their mask upsampling, and must still return exactly the stock generator's masks."""
+    from samsem_plugin.proposer import AutoMaskSettings, SamProposer
+    from samsem_plugin.sam_models import build_tiny_sam
+    from tests.test_proposer import assert_same_as_stock_generator
+    from tests.test_sam_models import photo
+
+    sam = build_tiny_sam()
+    image = photo("astronaut")
+    settings = AutoMaskSettings(points_per_side=12, pred_iou_thresh=0.95, stability_score_thresh=0.8)
+    ours = SamProposer(sam).generate(image, settings)
+    assert_same_as_stock_generator(sam, image, settings, ours)
