@@ -26,6 +26,7 @@ benchmarks. ``--quick`` runs the tiny SAM at SAM's default thresholds.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -107,17 +108,7 @@ class NaivePipeline:
     """SamAutomaticMaskGenerator + crop-and-encode per mask + classification + SDK encoding."""
 
     def __init__(self, sam, backbone: torch.nn.Module, settings: AutoMaskSettings, control: ControlSpec):
-        self.generator = SamAutomaticMaskGenerator(
-            sam,
-            points_per_side=settings.points_per_side,
-            points_per_batch=settings.points_per_batch,
-            pred_iou_thresh=settings.pred_iou_thresh,
-            stability_score_thresh=settings.stability_score_thresh,
-            stability_score_offset=settings.stability_score_offset,
-            box_nms_thresh=settings.box_nms_thresh,
-            min_mask_region_area=settings.min_mask_region_area,
-            output_mode="binary_mask",
-        )
+        self.generator = SamAutomaticMaskGenerator(sam, **asdict(settings), output_mode="binary_mask")
         self.encoder = CropEncoder(backbone)
         self.control = control
         self.classifier = fit_on_scene(self.encoder.encode)

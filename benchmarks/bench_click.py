@@ -5,10 +5,11 @@ Two service processes with the same models (SAM ViT-B and DINOv2 ViT-S/14, rando
 
 * **ours** (default settings): the first click on an image pays one SAM encoder pass and one
   backbone pass; every later click on it reuses both from the caches;
-* **baseline** ``SAM_CACHE_MB=0``: the SAM image embedding is recomputed on every click, which is
-  what the official Label Studio SAM / SAM2 backends do (``predictor.set_image`` per request). Its
-  backbone features stay cached (the official backends have no backbone at all), so the baseline
-  is the cost of re-embedding alone.
+* **baseline** (:mod:`benchmarks.stock_wsgi`, ``SAM_CACHE_MB=0``): the same service with
+  segment-anything's stock encoder attention and no SAM embedding cache, so the image is
+  re-embedded on every click, which is what the official Label Studio SAM / SAM2 backends do
+  (``predictor.set_image`` per request). Its backbone features stay cached (the official backends
+  have no backbone at all), so the baseline is the cost of re-embedding alone.
 
 Rounds are interleaved: per image, ours' first click, three cached clicks, then the baseline's
 clicks on an image it has already seen.
@@ -65,6 +66,7 @@ def run(quick: bool) -> BenchmarkResult:
     baseline_service = Service(
         {**env, "MODEL_DIR": str(work_dir() / "click_base"), "SAM_CACHE_MB": "0"},
         work_dir() / "click_base.log",
+        wsgi_app="benchmarks.stock_wsgi:app",
     )
     cached, first, reembed = Timing("cached click"), Timing("first click"), Timing("re-embed per click")
     agree = []

@@ -23,6 +23,7 @@ import requests
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+GUNICORN_CONF = REPO / "backend" / "gunicorn_conf.py"
 PROJECT = "1"
 LABEL_CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -98,10 +99,14 @@ class Service:
     Args:
         env: service settings (environment variables) on top of this process's environment.
         log_path: where the service's stdout/stderr go.
+        wsgi_app: ``module:app`` to serve instead of ``python -m backend`` (same gunicorn config).
     """
 
-    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+    def __init__(self, env: Mapping[str, str], log_path: Path, wsgi_app: str | None = None) -> None:
         self.port = free_port()
+        self.command = [sys.executable, "-m", "backend"]
+        if wsgi_app is not None:  # another app under the service's own gunicorn configuration
+            self.command = [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), wsgi_app]
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
             **os.environ,
@@ -119,7 +124,7 @@ class Service:
     def start(self) -> Service:
         log = open(self.log_path, "wb")  # noqa: SIM115 - closed with the process in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "backend"], cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            self.command, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT
         )
         self._log = log
         deadline = time.monotonic() + START_TIMEOUT_S

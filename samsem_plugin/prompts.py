@@ -30,9 +30,7 @@ class Prompt:
         points = np.asarray(self.points, dtype=np.float32).reshape(-1, 2)
         labels = np.asarray(self.point_labels, dtype=np.int32).reshape(-1)
         if labels.shape[0] != points.shape[0]:
-            raise ValueError(
-                f"point_labels: expected {points.shape[0]} entries, got {labels.shape[0]}"
-            )
+            raise ValueError(f"point_labels: expected {points.shape[0]} entries, got {labels.shape[0]}")
         if not np.isin(labels, (0, 1)).all():
             raise ValueError(f"point_labels: expected only 0 or 1, got {np.unique(labels).tolist()}")
         box = self.box

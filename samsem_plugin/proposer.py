@@ -47,9 +47,10 @@ from samsem_plugin.sam_models import use_fused_attention
 
 __all__ = ["AutoMaskSettings", "ImageEmbedding", "SamProposer"]
 
-UPSAMPLE_CHUNK = 16
-"""Masks upsampled to full resolution at once: bounds the float logits held (SAM upsamples to
-1024² first: 16 masks = 64 MiB) whatever ``points_per_batch`` is."""
+UPSAMPLE_BYTES = 64 << 20
+"""Float logits upsampled at once (at least one mask): SAM upsamples to 1024² first (4 MiB a mask),
+then to the image size (48 MiB a mask for a 12 MP photo), whatever ``points_per_batch`` is."""
+UPSAMPLE_MAX_MASKS = 16
 
 GRID_DECODER_BATCH = {"cpu": 4, "cuda": 256}
 """Grid prompts per decoder pass by device type: small batches keep the per-prompt image tokens
@@ -67,7 +68,8 @@ class AutoMaskSettings:
 
     Attributes:
         points_per_side: the point grid has ``points_per_side ** 2`` points over the image.
-        points_per_batch: prompts per decoder pass (64 suits a GPU; 4–16 is faster on CPU).
+        points_per_batch: grid points handled per step (SAM's setting; results do not depend on
+            it). The decoder itself runs :data:`GRID_DECODER_BATCH` prompts at a time on CPU / CUDA.
         pred_iou_thresh: keep masks whose predicted IoU is above this (0 disables).
         stability_score_thresh: keep masks whose stability score is at least this (0 disables).
         stability_score_offset: logit offset of the stability score (SAM: 1.0).
@@ -75,7 +77,8 @@ class AutoMaskSettings:
         min_mask_region_area: if > 0, fill holes and remove islands smaller than this many
             pixels (OpenCV), then run NMS again, as SAM does.
 
-    SAM's crop layers (``crop_n_layers > 0``) are not supported: the whole image is one crop.
+    SAM's crop layers (``crop_n_layers > 0``) are not supported: the whole image is one crop. The
+    field names are ``SamAutomaticMaskGenerator``'s arguments (``dataclasses.asdict`` gives them).
     """
 
     points_per_side: int = 32
@@ -151,7 +154,7 @@ class SamProposer:
             ``torch.autocast`` (outputs are cast back to float32); ``None`` = float32.
         fused_attention: switch ``sam``'s image encoder to fused attention kernels **in place**
             (:func:`~samsem_plugin.sam_models.use_fused_attention`: same function up to float
-            rounding, ~1.5x less encoder work on CPU).
+            rounding, ~1.8x faster encoder passes on CPU).
 
     Thread-safety: one lock guards every model call and the cache look-up-or-compute, so concurrent
     requests never mix images and the same image is never encoded twice at once. ``generate``
@@ -399,15 +402,17 @@ class SamProposer:
         if settings.pred_iou_thresh > 0.0:
             keep = iou > settings.pred_iou_thresh
             low_res, iou, point_coords = low_res[keep], iou[keep], point_coords[keep.cpu().numpy()]
+        height, width = embedding.original_size
+        chunk = max(1, min(UPSAMPLE_MAX_MASKS, UPSAMPLE_BYTES // (4 * max(height * width, 1 << 20))))
         parts = [
             self._stable_masks(
                 embedding,
-                low_res[start : start + UPSAMPLE_CHUNK],
-                iou[start : start + UPSAMPLE_CHUNK],
-                point_coords[start : start + UPSAMPLE_CHUNK],
+                low_res[start : start + chunk],
+                iou[start : start + chunk],
+                point_coords[start : start + chunk],
                 settings,
             )
-            for start in range(0, len(iou), UPSAMPLE_CHUNK)
+            for start in range(0, len(iou), chunk)
         ]
         return _Candidates.concatenate(parts, embedding.original_size)
 

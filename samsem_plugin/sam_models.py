@@ -309,8 +309,9 @@ def build_sam(model_type: str, checkpoint: str | Path | None = None, device: str
 # ``scaled_dot_product_attention`` (flash attention on CPU and GPU), passing the relative-position
 # terms as an additive bias built a chunk of queries at a time in one reused buffer.
 
-ATTENTION_BIAS_BYTES = 32 << 20
-"""Bytes of the relative-position bias built at once (per chunk of heads x queries)."""
+ATTENTION_BIAS_ELEMENTS = 2 << 20
+"""Elements of the relative-position bias built at once (per chunk of heads x queries): 8 MiB in
+float32, 4 MiB in bfloat16, which stays in cache while the attention kernel reads it."""
 
 
 def _rel_pos_attention(
@@ -328,8 +329,8 @@ def _rel_pos_attention(
     """
     groups, tokens, _ = q.shape
     rows, cols = rel_h.shape[-1], rel_w.shape[-1]
-    queries_per_chunk = max(1, min(tokens, ATTENTION_BIAS_BYTES // (tokens * q.element_size())))
-    groups_per_chunk = max(1, ATTENTION_BIAS_BYTES // (tokens * tokens * q.element_size()))
+    queries_per_chunk = max(1, min(tokens, ATTENTION_BIAS_ELEMENTS // tokens))
+    groups_per_chunk = max(1, ATTENTION_BIAS_ELEMENTS // (tokens * tokens))
     buffer = q.new_empty(groups_per_chunk * queries_per_chunk * tokens)
     out = torch.empty_like(q)
     for g0 in range(0, groups, groups_per_chunk):
@@ -374,7 +375,7 @@ def use_fused_attention(sam: Sam) -> Sam:
     """Switch every attention block of ``sam``'s image encoder to :class:`FusedAttention` in place.
 
     Same parameters and state-dict keys, same outputs up to float rounding (max abs difference
-    ~1e-6 in float32); on a 2-core CPU the ViT-B encoder pass takes ~1.5x less CPU time.
+    ~1e-6 in float32); on a 2-core CPU the ViT-B encoder pass is ~1.8x faster (6.6 s vs 12.0 s).
     :class:`~samsem_plugin.proposer.SamProposer` does this to the model it is given. Returns ``sam``.
     """
     for module in sam.image_encoder.modules():

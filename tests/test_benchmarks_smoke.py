@@ -101,10 +101,10 @@ def small_encoder(window: int) -> ImageEncoderViT:
     return encoder
 
 
-@pytest.mark.parametrize("bias_bytes", [sam_models.ATTENTION_BIAS_BYTES, 4096, 700])
-def test_fused_attention_computes_the_stock_encoder_function(monkeypatch, bias_bytes):
+@pytest.mark.parametrize("bias_elements", [sam_models.ATTENTION_BIAS_ELEMENTS, 1024, 175])
+def test_fused_attention_computes_the_stock_encoder_function(monkeypatch, bias_elements):
     """Also with a bias budget so small that queries and heads are split into many chunks."""
-    monkeypatch.setattr(sam_models, "ATTENTION_BIAS_BYTES", bias_bytes)
+    monkeypatch.setattr(sam_models, "ATTENTION_BIAS_ELEMENTS", bias_elements)
     encoder = small_encoder(window=3)  # 8x8 tokens: windows padded to 9x9, plus a global block
     pixels = torch.randn(1, 3, 128, 128) * 50
     with torch.inference_mode():
