@@ -3,8 +3,9 @@
 Exit status 2 with a message listing every problem when the settings (environment variables) or
 the files they point to are wrong. Otherwise the process becomes
 ``gunicorn -c backend/gunicorn_conf.py backend.wsgi:app`` (``exec``: signals go straight to
-gunicorn). ``--dev`` runs Flask's development server instead (one process, threaded; not for
-production). ``--check`` validates and exits.
+gunicorn), with ``MALLOC_ARENA_MAX=2`` unless set (see :mod:`backend.native_memory`). ``--dev``
+runs Flask's development server instead (one process, threaded; not for production).
+``--check`` validates and exits.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from backend.native_memory import allocator_environment
 from backend.settings import Settings, SettingsError
 
 logger = logging.getLogger("backend")
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.info("settings: %s", json.dumps(settings.describe()))
     command = gunicorn_command()
-    os.execv(command[0], command)
+    os.execve(command[0], command, allocator_environment(os.environ))
     return 0  # not reached
 
 

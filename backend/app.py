@@ -52,6 +52,7 @@ from backend.auth import install_auth
 from backend.images import ImageFetchError
 from backend.learning import parse_webhook
 from backend.messages import quiet_url_loggers, shorten
+from backend.native_memory import release_free_memory
 from backend.runtime import Runtime, TaskDataError, project_from_request
 from backend.settings import Settings, SettingsError
 from samsem_plugin.errors import WeightsError
@@ -392,6 +393,7 @@ def _predict_batch(
             results = []
         predictions.append(_prediction(results, version))
         logger.info("project %s task %s: %d regions predicted", project, task_id, len(results))
+    release_free_memory()  # the request's arrays are freed: keep RSS near the caches' bounds
     return predictions
 
 

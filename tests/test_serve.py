@@ -74,6 +74,8 @@ def test_python_m_backend_serves_health_setup_and_predict(label_studio, tmp_path
         assert health is not None, f"/health never answered:\n{log_path.read_text()[-3000:]}"
         assert health[0] == 200 and health[1]["status"] == "UP"
         assert health[1]["models_loaded"] is False, "models load lazily, not at start"
+        environ = Path(f"/proc/{process.pid}/environ").read_bytes().split(b"\0")
+        assert b"MALLOC_ARENA_MAX=2" in environ, "gunicorn runs with fewer malloc arenas"
 
         status, setup = call(port, "/setup", load_fixture("setup"))
         assert status == 200 and setup["model_version"].startswith("samsem-")
