@@ -1,7 +1,8 @@
 """Few-shot evaluation of the exemplar memory on a COCO instances export.
 
 ``python -m samsem_plugin.evaluate --coco ANNOTATIONS.json --images DIR --embedder-model NAME
---embedder-weights FILE [--multi-scale] --shots 1,2,3,5,10 --seeds 5 --test-images 20 --json OUT.json``
+--embedder-weights FILE [--multi-scale] --shots 1,2,3,5,10 --seeds 5 --test-images 20 --json OUT.json
+[--sam-model-type vit_b|vit_l|vit_h|tiny-random --sam-checkpoint FILE [--points-per-side 32 ...]]``
 
 Every :class:`~samsem_plugin.classifier.ClassifierSettings` field is a flag too (``--centring none``,
 ``--min-probability 0.5``, ``--no-reject-below-threshold``, ...), to compare options on one dataset.
@@ -27,8 +28,18 @@ relabelled A → B → positive B + negative A). Per image and cumulative curves
 
 Every image is embedded once (one backbone pass per image, all its masks pooled at once) and reused
 across seeds and shots. Crowd annotations (``iscrowd = 1``) and images without annotations are
-skipped. Segmentations: polygons, compressed RLE and uncompressed RLE (via pycocotools). The
-end-to-end SAM mode (automatic masks → AP50 / edits) is not implemented here.
+skipped. Segmentations: polygons, compressed RLE and uncompressed RLE (via pycocotools).
+
+End-to-end SAM mode (``"sam"``, only with ``--sam-model-type``; ``--sam-checkpoint`` is needed for
+``vit_b/l/h``): same split and memories as oracle-mask mode, but the test images go through the
+service's automatic pipeline: SAM's automatic masks (every ``AutoMaskSettings`` field is a flag,
+e.g. ``--points-per-side``, ``--min-mask-region-area``), the embedder, the classifier, same-label
+de-duplication and ``--max-regions``. Each test image is proposed and embedded once for all seeds
+and shots. Per ``k``: mask AP50 (COCOeval), the edits an annotator makes per image (relabels,
+deletions, labels, draws) next to the objects per image, and the class-agnostic recall of SAM's
+proposals at IoU 0.5, for our classifier and the mean-prototype baseline; see
+:mod:`samsem_plugin.evaluate_sam`. A missing or unusable checkpoint is a usage error (exit code 2,
+the :class:`~samsem_plugin.errors.WeightsError` message, no traceback).
 """
 
 from __future__ import annotations
@@ -41,7 +52,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -54,7 +65,10 @@ from samsem_plugin.corrections import ORIGIN_ACCEPTED, ORIGIN_EDITED, plan_exemp
 from samsem_plugin.embedder import MaskEmbedder
 from samsem_plugin.errors import WeightsError
 from samsem_plugin.memory import POSITIVE, Exemplar, MemorySnapshot, base_region
+from samsem_plugin.pipeline import Pipeline
 from samsem_plugin.prompts import AnnotatedRegion, ServedRegion
+from samsem_plugin.proposer import AutoMaskSettings, SamProposer
+from samsem_plugin.sam_models import SAM_MODEL_TYPES, build_sam
 
 METRICS = ("accuracy", "precision", "coverage")
 ONLINE_CURVES = (
@@ -67,6 +81,9 @@ ONLINE_CURVES = (
     "cumulative_edit_rate",
 )
 GROUND_TRUTH_ANNOTATION = "gt"
+
+if TYPE_CHECKING:
+    from segment_anything.modeling import Sam
 
 
 # -- the dataset -----------------------------------------------------------------------------------
@@ -203,15 +220,23 @@ def positives_snapshot(images: Sequence[AnnotatedImage], vectors: dict[int, np.n
     return MemorySnapshot.from_exemplars(exemplars)
 
 
-def mean_prototype_labels(snapshot: MemorySnapshot, queries: np.ndarray) -> np.ndarray:
-    """Baseline: ``(N,) object`` label of the nearest class mean (cosine), never rejecting."""
+def mean_prototype_scores(snapshot: MemorySnapshot, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Baseline: ``(N,) object`` label of the nearest class mean of the positives (cosine to the
+    renormalised mean), never rejecting, and ``(N,) float32`` that cosine (0 with no class)."""
     positive = snapshot.kinds == POSITIVE
     classes = sorted(set(snapshot.labels[positive].tolist()))
     if not classes or len(queries) == 0:
-        return np.full(len(queries), None, dtype=object)
+        return np.full(len(queries), None, dtype=object), np.zeros(len(queries), np.float32)
     means = np.stack([snapshot.vectors[positive & (snapshot.labels == c)].mean(axis=0) for c in classes])
     means /= np.linalg.norm(means, axis=1, keepdims=True).clip(1e-12)
-    return np.array(classes, dtype=object)[np.argmax(queries @ means.T, axis=1)]
+    cosines = queries @ means.T
+    best = np.argmax(cosines, axis=1)
+    return np.array(classes, dtype=object)[best], cosines[np.arange(len(best)), best].astype(np.float32)
+
+
+def mean_prototype_labels(snapshot: MemorySnapshot, queries: np.ndarray) -> np.ndarray:
+    """Baseline: ``(N,) object`` label of the nearest class mean (:func:`mean_prototype_scores`)."""
+    return mean_prototype_scores(snapshot, queries)[0]
 
 
 def label_metrics(predicted: Sequence[str | None], truth: Sequence[str]) -> dict[str, float | None]:
@@ -341,10 +366,11 @@ def _int_list(text: str) -> list[int]:
     return sorted(set(values))
 
 
-def _add_classifier_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per :class:`ClassifierSettings` field (``--knn-k``, ``--min-margin``, ...)."""
-    group = parser.add_argument_group("classifier settings (defaults: ClassifierSettings)")
-    for field in fields(ClassifierSettings):
+def _add_settings_flags(parser: argparse.ArgumentParser, settings_type: type, title: str) -> None:
+    """One flag per field of the dataclass ``settings_type`` (``--knn-k``, ``--points-per-side``,
+    ...); an unset flag keeps the dataclass default."""
+    group = parser.add_argument_group(title)
+    for field in fields(settings_type):
         flag = "--" + field.name.replace("_", "-")
         if isinstance(field.default, bool):
             group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=None)
@@ -355,19 +381,24 @@ def _add_classifier_flags(parser: argparse.ArgumentParser) -> None:
             )
 
 
-def _classifier_settings(args: argparse.Namespace) -> ClassifierSettings:
-    chosen = {
+def _chosen_settings(args: argparse.Namespace, settings_type: type) -> dict[str, Any]:
+    """The flags of ``settings_type``'s fields that were given."""
+    return {
         f.name: getattr(args, f.name)
-        for f in fields(ClassifierSettings)
+        for f in fields(settings_type)
         if getattr(args, f.name, None) is not None
     }
-    return ClassifierSettings(**chosen)
+
+
+def _classifier_settings(args: argparse.Namespace) -> ClassifierSettings:
+    return ClassifierSettings(**_chosen_settings(args, ClassifierSettings))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m samsem_plugin.evaluate",
-        description="Few-shot evaluation of the exemplar memory on a COCO instances export (oracle masks).",
+        description="Few-shot evaluation of the exemplar memory on a COCO instances export "
+        "(oracle masks, online curve, optionally end-to-end with SAM's automatic masks).",
     )
     parser.add_argument("--coco", required=True, type=Path, help="COCO instances JSON file")
     parser.add_argument("--images", required=True, type=Path, help="directory of the images (file_name)")
@@ -389,8 +420,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--online-images", type=int, default=30, help="images walked in online mode (0: off)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
-    _add_classifier_flags(parser)
+    _add_settings_flags(parser, ClassifierSettings, "classifier settings (defaults: ClassifierSettings)")
+    sam = parser.add_argument_group("end-to-end SAM mode (off unless --sam-model-type is given)")
+    sam.add_argument(
+        "--sam-model-type",
+        choices=SAM_MODEL_TYPES,
+        default=None,
+        help="run SAM's automatic masks on the test images (tiny-random: untrained, for tests)",
+    )
+    sam.add_argument(
+        "--sam-checkpoint", type=Path, default=None, help="SAM checkpoint file (needed for vit_b/l/h)"
+    )
+    sam.add_argument(
+        "--max-regions", type=int, default=None, help="most regions served per image (Pipeline default)"
+    )
+    _add_settings_flags(parser, AutoMaskSettings, "SAM automatic masks (defaults: AutoMaskSettings)")
     return parser
+
+
+def _sam_model(args: argparse.Namespace) -> tuple[Sam, AutoMaskSettings] | None:
+    """SAM and its automatic-mask settings for the SAM mode, or None when ``--sam-model-type`` is
+    not given (then no SAM flag may be given). Raises ValueError / WeightsError for bad flags or a
+    missing / unreadable / mismatched checkpoint."""
+    auto = _chosen_settings(args, AutoMaskSettings)
+    if args.sam_model_type is None:
+        given = ["--" + name.replace("_", "-") for name in auto]
+        others = {"--sam-checkpoint": args.sam_checkpoint, "--max-regions": args.max_regions}
+        given += [flag for flag, value in others.items() if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: the SAM mode needs --sam-model-type")
+        return None
+    auto_settings = AutoMaskSettings(**auto)
+    try:
+        sam = build_sam(args.sam_model_type, args.sam_checkpoint, device=args.device)
+    except WeightsError as error:  # its text names the service setting; say which flag it is here
+        raise WeightsError(f"{error} Here: --sam-checkpoint FILE.") from error
+    return sam, auto_settings
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -402,6 +467,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not seeds:
         raise ValueError(f"seeds: expected >= 1, got {args.seeds}")
     check_protocol(len(images), args.shots, args.test_images)  # before the slow part
+    sam = _sam_model(args)
     started = time.perf_counter()
     embedder = MaskEmbedder.from_timm(
         args.embedder_model,
@@ -412,6 +478,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         autocast_dtype=torch.bfloat16 if args.bf16 else None,
         multi_scale=args.multi_scale,
     )
+    pipeline = None
+    if sam is not None:
+        serving = {} if args.max_regions is None else {"max_regions": args.max_regions}
+        # no caches: evaluate_sam proposes and embeds each test image once and keeps the results
+        pipeline = Pipeline(
+            SamProposer(sam[0], cache_bytes=0),
+            embedder,
+            auto_settings=sam[1],
+            proposal_cache_bytes=0,
+            **serving,
+        )
     vectors = embed_images(images, embedder, progress)
     embedded = time.perf_counter()
     ours, baseline = evaluate_oracle(images, vectors, args.shots, seeds, args.test_images, settings, progress)
@@ -420,12 +497,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         online = evaluate_online(
             images, vectors, seeds, args.test_images, settings, args.online_images, progress
         )
+    sam_results = None
+    if pipeline is not None:
+        from samsem_plugin.evaluate_sam import evaluate_sam
+
+        sam_results = evaluate_sam(
+            images, vectors, pipeline, args.shots, seeds, args.test_images, settings, progress
+        )
     finished = time.perf_counter()
     objects = Counter(label for image in images for label in image.labels)
+    sam_settings = None
+    if pipeline is not None:
+        sam_settings = {
+            "model_type": args.sam_model_type,
+            "checkpoint": None if args.sam_checkpoint is None else str(args.sam_checkpoint),
+            "auto_masks": asdict(pipeline.auto_settings),
+            "max_regions": pipeline.max_regions,
+            "dedup_iou": pipeline.dedup_iou,
+            "dedup_containment": pipeline.dedup_containment,
+        }
     return {
         "oracle_masks": ours,
         "baseline_mean_prototype": baseline,
         "online": online,
+        "sam": sam_results,
         "settings": {
             "coco": str(args.coco),
             "images_dir": str(args.images),
@@ -438,6 +533,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "test_images": args.test_images,
             "online_images": args.online_images,
             "classifier": asdict(settings),
+            "sam": sam_settings,
             "annotated_images": len(images),
             "objects_per_class": dict(sorted(objects.items())),
         },
@@ -449,13 +545,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _cells(values: Sequence[float | None]) -> str:
+    return "  ".join("  n/a" if v is None else f"{v:.3f}" for v in values)
+
+
 def _format_table(results: dict[str, Any]) -> str:
     lines = ["k  ours: accuracy  precision  coverage | mean-prototype accuracy"]
     for k, row in results["oracle_masks"].items():
         cells = [row[m]["mean"] for m in METRICS] + [
             results["baseline_mean_prototype"][k]["accuracy"]["mean"]
         ]
-        lines.append(f"{k:>2}  " + "  ".join("  n/a" if v is None else f"{v:.3f}" for v in cells))
+        lines.append(f"{k:>2}  " + _cells(cells))
+    sam = results.get("sam")
+    if sam:
+        lines.append(
+            "SAM mode: k  ours: AP50  edits/img (relabels deletions labels draws) | "
+            "mean-prototype AP50  edits/img | objects/img  recall50 (class-agnostic)"
+        )
+        for k, row in sam["ours"].items():
+            base = sam["baseline_mean_prototype"][k]
+            names = ["ap50", "edits_per_image", "relabels_per_image", "deletions_per_image"]
+            names += ["labels_per_image", "draws_per_image"]
+            cells = [row[name]["mean"] for name in names] + [base["ap50"]["mean"]]
+            cells += [base["edits_per_image"]["mean"], row["objects_per_image"]["mean"]]
+            cells += [row["recall50_class_agnostic"]["mean"]]
+            lines.append(f"{k:>12}  " + _cells(cells))
     return "\n".join(lines)
 
 

@@ -186,7 +186,7 @@ class Regions:
     @property
     def areas(self) -> np.ndarray:
         """``(N,) int64`` mask areas in pixels."""
-        return self.masks.reshape(len(self), -1).sum(axis=1)
+        return self.masks.sum(axis=(1, 2), dtype=np.int64)
 
     def __getitem__(self, index: Any) -> Regions:
         """Numpy-style selection (int, slice, bool mask, index array) returning ``Regions``."""

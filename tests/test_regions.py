@@ -72,3 +72,11 @@ def test_concatenate_keeps_order_and_embeddings():
 def test_empty_has_zero_rows():
     empty = Regions.empty((4, 5), embedding_dim=7)
     assert len(empty) == 0 and empty.masks.shape == (0, 4, 5) and empty.embeddings.shape == (0, 7)
+
+
+def test_no_regions_have_no_areas_and_deduplicate_to_nothing():
+    from samsem_plugin.pipeline import deduplicate_same_label
+
+    empty = Regions.from_masks(np.zeros((0, 6, 8), bool))
+    assert empty.areas.shape == (0,) and empty.areas.dtype == np.int64
+    assert len(deduplicate_same_label(empty)) == 0
