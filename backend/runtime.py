@@ -79,8 +79,9 @@ def build_models(settings: Settings) -> Models:
         logger.warning("!" * 80)
         logger.warning("EMBEDDER_WEIGHTS=random: classes come from a RANDOM backbone (tests/demos only)")
         logger.warning("!" * 80)
+    autocast_dtype = settings.autocast_dtype(device)
     sam = build_sam(settings.sam_model_type, settings.sam_checkpoint, device=device)
-    proposer = SamProposer(sam, cache_bytes=settings.sam_cache_bytes)
+    proposer = SamProposer(sam, cache_bytes=settings.sam_cache_bytes, autocast_dtype=autocast_dtype)
     embedder = MaskEmbedder.from_timm(
         settings.embedder_model,
         settings.embedder_weights,
@@ -88,6 +89,7 @@ def build_models(settings: Settings) -> Models:
         cache_bytes=settings.embed_cache_bytes,
         device=device,
         multi_scale=settings.embedder_multi_scale,
+        autocast_dtype=autocast_dtype,
     )
     auto_settings = AutoMaskSettings(
         points_per_side=settings.points_per_side,
