@@ -113,7 +113,7 @@ def embedder_space(settings: Settings) -> str:
 
     Same form as ``MaskEmbedder.embedder_id``: ``"<timm name>@random"`` or
     ``"<timm name>@<sha256 prefix of the weights file>"`` (hashing the file takes ~1 s per GB), plus
-    ``"+ms"`` with ``EMBEDDER_MULTI_SCALE``.
+    ``MULTI_SCALE_SUFFIX`` (``"+ms3"``) with ``EMBEDDER_MULTI_SCALE``.
     """
     from samsem_plugin.embedder import MULTI_SCALE_SUFFIX, file_sha256
 

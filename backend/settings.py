@@ -247,7 +247,7 @@ class Settings:
     likewise per type; ``None`` for tiny-random); ``embedder_model`` ← EMBEDDER_MODEL;
     ``embedder_weights`` ← EMBEDDER_WEIGHTS (a ``Path`` or the string ``"random"``; default
     ``{weights_dir}/{embedder_model}.safetensors``); ``embedder_multi_scale`` ←
-    EMBEDDER_MULTI_SCALE (CNN backbones: also pool the stride-16 stage; false);
+    EMBEDDER_MULTI_SCALE (CNN backbones: also pool the stride-16 and stride-8 stages; false);
     ``embedder_long_side`` ← EMBEDDER_LONG_SIDE (pixels, ``None`` = the embedder's default);
     ``device`` ← DEVICE
     (auto | cpu | cuda | cuda:N, see :meth:`resolved_device`); ``precision`` ← PRECISION (auto |

@@ -412,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--multi-scale",
         action="store_true",
-        help="CNN backbones: also pool the half-stride stage (MaskEmbedder multi_scale)",
+        help="CNN backbones: also pool the 1/2- and 1/4-stride stages (MaskEmbedder multi_scale)",
     )
     parser.add_argument("--shots", type=_int_list, default=[1, 2, 3, 5, 10], help="memory sizes in images")
     parser.add_argument("--seeds", type=int, default=5, help="number of seeds (0 .. N-1)")

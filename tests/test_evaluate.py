@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from samsem_plugin.embedder import MULTI_SCALE_SUFFIX
 from samsem_plugin.evaluate import (
     AnnotatedImage,
     decode_segmentation,
@@ -108,7 +109,8 @@ def test_multi_scale_and_centring_flags_reach_the_embedder_and_classifier(coco_d
     ]  # fmt: skip
     assert main(argv) == 0
     settings = json.loads(out.read_text())["settings"]
-    assert settings["multi_scale"] is True and settings["embedder_id"] == "test_efficientnet@random+ms"
+    assert settings["multi_scale"] is True
+    assert settings["embedder_id"] == "test_efficientnet@random" + MULTI_SCALE_SUFFIX
     assert settings["classifier"]["centring"] == "none" and settings["classifier"]["impostor_quantile"] == 0
     with pytest.raises(SystemExit):  # a ViT has no half-stride stage: a clear usage error
         main([*argv[:4], "--embedder-model", "test_vit", "--multi-scale", "--shots", "2", "--seeds", "1",

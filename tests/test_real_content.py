@@ -2,13 +2,15 @@
 pretrained model installable here) embed objects cut from scikit-image's real photos; the memory
 must recognise them after a few annotated images.
 
-Chance level is 1/6 (six classes). The embedder is multi-scale (last map + the stride-16 stage, one
-forward); the single-scale embedding of the same forward (the last map alone) is the plain baseline
-of the issue. Figures measured when this test was written (40 images, 20 test images, 5 seeds, long
-side 512), at 5 / 10 images: mean prototype on single-scale features 0.83 / 0.95 (the plain
-baseline), on multi-scale features 0.88 / 0.99; the default classifier (multi-scale) accuracy
-0.85 / 0.97, precision 0.91 / 1.00. The full evaluation (60 images, long side 640, two dataset
-seeds) is in the report of ``python -m samsem_plugin.evaluate``; this one stays under a minute.
+Chance level is 1/6 (six classes). The embedder is multi-scale (last map + the stride-16 and
+stride-8 stages, one forward); the single-scale embedding of the same forward (the last map alone)
+is the plain baseline of the issue. Figures measured when this test was last tightened (40 images,
+20 test images, 5 seeds, long side 512), at 5 / 10 images: mean prototype on single-scale features
+0.83 / 0.95 (the plain baseline), on multi-scale features 0.89 / 1.00; the default classifier
+(multi-scale) accuracy 0.88 / 0.99, precision 0.90 / 1.00 (before the stride-8 stage and the lower
+threshold quantile: 0.85 / 0.97, precision 0.91 / 1.00). The full evaluation (60 images, long side
+640, dataset seeds 0-5) is in the report of ``python -m samsem_plugin.evaluate``; this one stays
+under a minute.
 """
 
 from __future__ import annotations
@@ -63,21 +65,22 @@ def _mean(table: dict, k: int, metric: str = "accuracy") -> float:
     return table[str(k)][metric]["mean"]
 
 
-def test_multi_scale_embedding_concatenates_both_maps_at_equal_weight():
+def test_multi_scale_embedding_concatenates_three_maps_at_equal_weight():
     embedder = MaskEmbedder.from_timm("efficientnet_lite0", _weights(), long_side=256, multi_scale=True)
-    assert embedder.embedder_id.endswith(MULTI_SCALE_SUFFIX) and embedder.dim == 1280 + 112
+    assert embedder.embedder_id.endswith(MULTI_SCALE_SUFFIX) and embedder.dim == 1280 + 112 + 40
     images, annotations = make_scene_dataset(1, seed=3, size=(96, 128))
     image, masks = images[0], annotations[0].masks
-    last, detail = embedder.feature_maps(image)
-    assert last.shape[2] == 1280 and detail.shape[2] == 112
-    assert detail.shape[0] == 2 * last.shape[0] and detail.shape[1] == 2 * last.shape[1]
+    last, detail, fine = embedder.feature_maps(image)
+    assert last.shape[2] == 1280 and detail.shape[2] == 112 and fine.shape[2] == 40
+    assert detail.shape[:2] == (2 * last.shape[0], 2 * last.shape[1])
+    assert fine.shape[:2] == (4 * last.shape[0], 4 * last.shape[1])
     expected = np.concatenate(
         [
             pool_normalised(cell_coverage(masks, grid.shape[:2]).reshape(len(masks), -1), grid.reshape(-1, d))
-            for grid, d in ((last, 1280), (detail, 112))
+            for grid, d in ((last, 1280), (detail, 112), (fine, 40))
         ],
         axis=1,
-    ) / np.sqrt(2)
+    ) / np.sqrt(3)
     np.testing.assert_allclose(embedder.embed(image, masks), expected, atol=1e-6)
     with pytest.raises(ValueError, match="multi_scale"):
         MaskEmbedder.from_timm("test_vit", "random", multi_scale=True)
@@ -87,21 +90,23 @@ def test_embeddings_of_real_content_are_recognised_after_five_images(evaluation)
     baseline, plain = evaluation["baseline"], evaluation["plain_baseline"]
     assert _mean(plain, 5) > 0.75, "mean-prototype accuracy at 5 images (chance 0.17)"
     assert _mean(baseline, 5) > _mean(baseline, 1) + 0.3
-    # multi-scale features: the same forward, better neighbours (measured 0.88 vs 0.83 at 5 images)
-    assert _mean(baseline, 5) >= _mean(plain, 5) + 0.02
-    assert _mean(baseline, 10) >= _mean(plain, 10)
+    # multi-scale features: the same forward, better neighbours (measured 0.89 vs 0.83 at 5 images,
+    # 1.00 vs 0.95 at 10)
+    assert _mean(baseline, 5) >= _mean(plain, 5) + 0.04
+    assert _mean(baseline, 10) >= _mean(plain, 10) + 0.03
 
 
 def test_memory_names_real_content_accurately_and_precisely(evaluation):
     ours, baseline, plain = evaluation["ours"], evaluation["baseline"], evaluation["plain_baseline"]
-    # issue targets 0.85 at 5 and 0.95 at 10 images (measured here 0.85 and 0.97; 2-3 points of
+    # issue targets 0.85 at 5 and 0.95 at 10 images (measured here 0.876 and 0.987; 2 points of
     # margin against rounding differences between machines)
-    assert _mean(ours, 5) >= 0.82 and _mean(ours, 10) >= 0.94
-    assert _mean(ours, 5) >= _mean(plain, 5) and _mean(ours, 10) >= _mean(plain, 10) - 0.01
+    assert _mean(ours, 5) >= 0.855 and _mean(ours, 10) >= 0.97
+    assert _mean(ours, 5) >= _mean(plain, 5) + 0.03 and _mean(ours, 10) >= _mean(plain, 10) + 0.02
     # the reject option costs little accuracy against the same features without it ...
-    assert _mean(ours, 5) >= _mean(baseline, 5) - 0.05 and _mean(ours, 10) >= _mean(baseline, 10) - 0.03
+    assert _mean(ours, 5) >= _mean(baseline, 5) - 0.03 and _mean(ours, 10) >= _mean(baseline, 10) - 0.02
     # ... and buys precision: its labels are right more often than the never-rejecting baseline's
-    assert _mean(ours, 5, "precision") >= 0.88 and _mean(ours, 10, "precision") >= 0.97
+    # (measured 0.90 / 1.00; at 5 images some classes are not taught yet)
+    assert _mean(ours, 5, "precision") >= 0.88 and _mean(ours, 10, "precision") >= 0.98
     assert _mean(ours, 5, "precision") >= _mean(plain, 5)
     # one image rarely shows every class: objects of untaught classes must often be refused
     assert _mean(ours, 1, "precision") > _mean(baseline, 1) + 0.05

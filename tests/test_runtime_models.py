@@ -11,6 +11,7 @@ import torch
 
 from backend.runtime import build_models, embedder_space
 from backend.settings import Settings, SettingsError
+from samsem_plugin.embedder import MULTI_SCALE_SUFFIX
 from samsem_plugin.prompts import Prompt
 
 
@@ -31,7 +32,7 @@ def test_multi_scale_setting_reaches_the_embedder_and_its_memory_space(tmp_path)
     models = build_models(settings)
     assert models.embedder.multi_scale is True
     assert models.embedder.embedder_id == embedder_space(settings)
-    assert embedder_space(settings).endswith("+ms")
+    assert embedder_space(settings).endswith(MULTI_SCALE_SUFFIX)
 
 
 def test_single_scale_space_differs_so_memories_never_mix(tmp_path):
