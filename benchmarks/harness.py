@@ -247,13 +247,21 @@ def _cpu_flash_attention_flops(query, key, value, *args: Any, out_shape: Any = N
     return sdpa_flop_count(query, key, value)
 
 
+def _inplace_addmm_flops(bias: Any, a_shape: Any, b_shape: Any, *args: Any, **kwargs: Any) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
 def count_flops(function: Callable[[], Any]) -> int:
     """FLOPs of one call of ``function`` (torch's ``FlopCounterMode``, 1 MAC = 2 FLOP, under
-    ``inference_mode``), including the CPU fused-attention kernel that torch's table lacks."""
+    ``inference_mode``), including what torch's table lacks: the CPU fused-attention kernel and
+    the in-place ``addmm_`` (our encoder blocks accumulate proj / MLP-out GEMMs into the residual)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops}
+    mapping = {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops,
+        torch.ops.aten.addmm_: _inplace_addmm_flops,
+    }
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter, torch.inference_mode():
         function()
     return int(counter.get_total_flops())

@@ -134,6 +134,97 @@ def test_fused_attention_keeps_parameters_and_state_dict_keys():
         assert torch.equal(after[key], value)
 
 
+def fused(encoder: ImageEncoderViT) -> ImageEncoderViT:
+    class Holder(torch.nn.Module):
+        image_encoder = encoder
+
+    sam_models.use_fused_attention(Holder())
+    return encoder
+
+
+@pytest.mark.parametrize("window", [3, 4])
+def test_fused_encoder_with_gradients_falls_back_and_computes_the_same_function(window):
+    """With gradients on, the blocks run segment-anything's own code path (no in-place updates), so
+    the result and its gradients match the stock encoder's."""
+    encoder = small_encoder(window=window)
+    pixels = torch.randn(1, 3, 128, 128) * 50
+    expected = encoder(pixels)
+    expected.square().sum().backward()
+    stock_grad = encoder.blocks[0].attn.rel_pos_h.grad.clone()
+    encoder.zero_grad()
+    got = fused(encoder)(pixels)
+    got.square().sum().backward()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(encoder.blocks[0].attn.rel_pos_h.grad, stock_grad, rtol=1e-3, atol=1e-4)
+
+
+def test_fused_encoder_with_the_stock_attention_switched_back_is_still_the_stock_function():
+    """``benchmarks.stock_wsgi`` switches the attention classes back; the fused blocks then run
+    segment-anything's own block code."""
+    encoder = small_encoder(window=3)
+    pixels = torch.randn(1, 3, 128, 128) * 50
+    with torch.inference_mode():
+        expected = encoder(pixels)
+        for module in fused(encoder).modules():
+            if type(module) is sam_models.FusedAttention:
+                module.__class__ = Attention
+        got = encoder(pixels)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_cached_relative_position_tables_follow_weight_changes():
+    encoder = fused(small_encoder(window=3))
+    pixels = torch.randn(1, 3, 128, 128) * 50
+    with torch.inference_mode():
+        before = encoder(pixels)
+    with torch.no_grad():
+        for block in encoder.blocks:
+            block.attn.rel_pos_h.mul_(-1.0)  # in place: same storage, new version
+    with torch.inference_mode():
+        after = encoder(pixels)
+    stock = small_encoder(window=3)
+    with torch.no_grad():
+        for block in stock.blocks:
+            block.attn.rel_pos_h.mul_(-1.0)
+    with torch.inference_mode():
+        expected = stock(pixels)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("rows", "cols", "window"), [(8, 8, 3), (9, 7, 3), (8, 12, 4), (5, 5, 7)])
+def test_window_partition_matches_segment_anything(rows, cols, window):
+    from segment_anything.modeling.image_encoder import window_partition, window_unpartition
+
+    grid = torch.randn(2, rows, cols, 5)
+    fill = torch.randn(5)
+    got = sam_models._partition(grid, window, fill)
+    expected, padded = window_partition(grid, window)
+    padded_mask = window_partition(torch.ones(2, rows, cols, 1), window)[0] == 0
+    expected = torch.where(padded_mask, fill, expected)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    back = sam_models._unpartition(got, window, rows, cols)
+    torch.testing.assert_close(
+        back, window_unpartition(expected, window, padded, (rows, cols)), rtol=0, atol=0
+    )
+    torch.testing.assert_close(back, grid, rtol=0, atol=0)
+
+
+def test_fused_encoder_under_bfloat16_autocast_matches_the_stock_encoder_under_autocast():
+    """bfloat16 rounding only: both run the matrix products and attention in bfloat16 and keep the
+    residual stream in float32."""
+    encoder = small_encoder(window=3)
+    pixels = torch.randn(1, 3, 128, 128) * 50
+    with torch.inference_mode():
+        exact = encoder(pixels)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = encoder(pixels).float()
+            got = fused(encoder)(pixels).float()
+    stock_error = float((expected - exact).abs().max())
+    assert float((got - exact).abs().max()) <= 2 * stock_error + 1e-3
+    torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05)
+
+
 def test_grid_decoder_skipping_prompts_below_the_iou_threshold_matches_the_stock_generator():
     """At 0.95 some grid points have no level above the predicted-IoU threshold: the proposer skips
     their mask upsampling, and must still return exactly the stock generator's masks."""
