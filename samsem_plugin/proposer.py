@@ -18,16 +18,13 @@ bit-packed (8 pixels per byte).
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from segment_anything.modeling import MaskDecoder, Sam
-from segment_anything.modeling.common import LayerNorm2d
-from segment_anything.modeling.transformer import Attention as DecoderAttention
+from segment_anything.modeling import Sam
 from segment_anything.utils.amg import (
     batched_mask_to_box,
     build_point_grid,
@@ -35,14 +32,13 @@ from segment_anything.utils.amg import (
     remove_small_regions,
 )
 from segment_anything.utils.transforms import ResizeLongestSide
-from torch import nn
-from torch.nn import functional as F
 from torchvision.ops.boxes import batched_nms
 
 from samsem_plugin.cache import ByteLRUCache, image_key
 from samsem_plugin.embedder import validate_image
 from samsem_plugin.prompts import Prompt
 from samsem_plugin.regions import Regions
+from samsem_plugin.sam_decoder import DecoderImage, decode_prompts
 from samsem_plugin.sam_models import use_fused_attention
 
 __all__ = ["AutoMaskSettings", "ImageEmbedding", "SamProposer"]
@@ -52,10 +48,11 @@ UPSAMPLE_BYTES = 64 << 20
 then to the image size (48 MiB a mask for a 12 MP photo), whatever ``points_per_batch`` is."""
 UPSAMPLE_MAX_MASKS = 16
 
-GRID_DECODER_BATCH = {"cpu": 4, "cuda": 256}
-"""Grid prompts per decoder pass by device type: small batches keep the per-prompt image tokens
-(prompts x 4096 x 256 floats) in the CPU caches; a GPU wants large ones. Other devices use
-``points_per_batch``. Results do not depend on it."""
+GRID_DECODER_BATCH = {"cpu": 1, "cuda": 256}
+"""Grid prompts per decoder pass by device type: on CPU one prompt at a time keeps its image-token
+tensors (4096 x 256 floats) in the caches (ViT-B, factored decoder: 27 ms a prompt vs 35 ms in
+batches of 4 or 16, 2 threads); a GPU wants large batches. Other devices use ``points_per_batch``.
+Results do not depend on it."""
 
 SMALL_REGION_NMS_THRESH = 0.7
 """SAM's ``crop_nms_thresh`` default: with ``min_mask_region_area > 0`` the stock generator runs a
@@ -183,7 +180,7 @@ class SamProposer:
         self.encoder_calls = 0
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
         self._lock = threading.RLock()
-        self._decoder_image: tuple[str, _DecoderImage] | None = None  # the last image's, see below
+        self._decoder_image: tuple[str, DecoderImage] | None = None  # the last image's, see below
 
     # -- embeddings ---------------------------------------------------------------------------
 
@@ -228,12 +225,14 @@ class SamProposer:
 
     # -- decoder ------------------------------------------------------------------------------
 
-    def _decoder_image_of(self, key: str, embedding: ImageEmbedding) -> _DecoderImage:
+    def _decoder_image_of(self, key: str, embedding: ImageEmbedding) -> DecoderImage:
         """The prompt-independent decoder tensors of the image ``key`` (kept for the last image
-        only: ~14 MiB for ViT-B/L/H; interactive clicks come in runs on one image). Call with the
-        lock held, under ``inference_mode`` and the model context."""
+        only: ~40 MiB for ViT-B/L/H; interactive clicks come in runs on one image). Call with the
+        lock held, under ``inference_mode`` and the model context; under autocast the decoder is
+        not factored (its expanded variances need float32)."""
         if self._decoder_image is None or self._decoder_image[0] != key:
-            self._decoder_image = (key, _DecoderImage.of(self.sam, embedding.features))
+            factored = self.autocast_dtype is None
+            self._decoder_image = (key, DecoderImage.of(self.sam, embedding.features, factored=factored))
         return self._decoder_image[1]
 
     def _decode(
@@ -261,7 +260,7 @@ class SamProposer:
                 points=None if points is None else (points, labels), boxes=box, masks=None
             )
             decoder_image = self._decoder_image_of(key, embedding)
-            low_res, iou, _ = _decode_prompts(
+            low_res, iou, _ = decode_prompts(
                 self.sam.mask_decoder, decoder_image, sparse, multimask=multimask
             )
         return low_res.float(), iou.float()
@@ -370,7 +369,7 @@ class SamProposer:
     def _grid_batch(
         self,
         embedding: ImageEmbedding,
-        decoder_image: _DecoderImage,
+        decoder_image: DecoderImage,
         points: np.ndarray,
         settings: AutoMaskSettings,
     ) -> _Candidates:
@@ -388,7 +387,7 @@ class SamProposer:
                     boxes=None,
                     masks=None,
                 )
-                low_res, iou, decoded = _decode_prompts(
+                low_res, iou, decoded = decode_prompts(
                     self.sam.mask_decoder, decoder_image, sparse, pred_iou_thresh=settings.pred_iou_thresh
                 )
             low_res_parts.append(low_res.float())
@@ -443,199 +442,6 @@ class SamProposer:
             points=point_coords[keep.cpu().numpy()],
             image_size=embedding.original_size,
         )
-
-
-# -- SAM's mask decoder, prompts on one image ----------------------------------------------------
-#
-# Computes what ``MaskDecoder.forward`` computes for prompts without a mask input, with less work:
-# (1) the image side of the first two-way attention layer (token-to-image keys and values,
-# image-to-token queries: ~22 % of the decoder's FLOPs) does not depend on the prompt and is
-# computed once per image, then broadcast instead of repeated per prompt; (2) the IoU head needs
-# only the transformer, so masks are upsampled and predicted only for prompts that have a level
-# above the predicted-IoU threshold; (3) softmax over 7 prompt tokens runs along the image axis.
-
-
-def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """``(B, N, C)`` → ``(B, heads, N, C / heads)`` (``Attention._separate_heads``)."""
-    batch, tokens, channels = x.shape
-    return x.reshape(batch, tokens, heads, channels // heads).transpose(1, 2)
-
-
-def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a (B, heads, m, k) @ b (B or 1, heads, k, n)`` → ``(B, heads, m, n)``; a ``b`` shared by
-    the batch is not expanded: one product per head with the batch folded into the rows."""
-    if b.shape[0] == 1 and a.shape[0] > 1:
-        batch, heads, rows, inner = a.shape
-        out = a.transpose(0, 1).reshape(heads, batch * rows, inner) @ b[0]
-        return out.view(heads, batch, rows, -1).transpose(0, 1)
-    return a @ b
-
-
-def _attend(attention: DecoderAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``Attention.forward`` after the input projections: ``q, k, v`` are projected, split in heads
-    ``(B or 1, heads, tokens, c)`` and broadcast over the batch.
-
-    With many queries and few keys (image tokens attending to the prompt tokens) the scores are
-    laid out keys-first, so that the softmax runs along the long contiguous axis (same values)."""
-    scale = math.sqrt(q.shape[-1])
-    if q.shape[-2] > 8 * k.shape[-2]:
-        scores = torch.softmax(_matmul(k, q.transpose(-1, -2)) / scale, dim=-2)
-        out = scores.transpose(-1, -2) @ v
-    else:
-        out = _matmul(torch.softmax(_matmul(q, k.transpose(-1, -2)) / scale, dim=-1), v)
-    batch, heads, tokens, channels = out.shape
-    return attention.out_proj(out.transpose(1, 2).reshape(batch, tokens, heads * channels))
-
-
-@dataclass(frozen=True)
-class _DecoderImage:
-    """The prompt-independent decoder tensors of one image embedding.
-
-    Attributes:
-        keys: ``(1, N, C)`` image tokens: embedding plus SAM's no-mask dense embedding, N = h x w.
-        key_pe: ``(1, N, C)`` their positional encoding.
-        first_k, first_v: ``(1, heads, N, c)`` layer-0 token-to-image key / value projections.
-        first_image_q: ``(1, heads, N, c)`` layer-0 image-to-token query projection.
-        grid: ``(h, w)`` of the embedding.
-    """
-
-    keys: torch.Tensor
-    key_pe: torch.Tensor
-    first_k: torch.Tensor
-    first_v: torch.Tensor
-    first_image_q: torch.Tensor
-    grid: tuple[int, int]
-
-    @staticmethod
-    def of(sam: Sam, features: torch.Tensor) -> _DecoderImage:
-        """From ``features`` ``(1, C, h, w)`` (call under ``inference_mode``)."""
-        dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        keys = (features + dense).flatten(2).permute(0, 2, 1)
-        key_pe = sam.prompt_encoder.get_dense_pe().flatten(2).permute(0, 2, 1)
-        first = sam.mask_decoder.transformer.layers[0]
-        to_image, to_token = first.cross_attn_token_to_image, first.cross_attn_image_to_token
-        return _DecoderImage(
-            keys=keys,
-            key_pe=key_pe,
-            first_k=_split_heads(to_image.k_proj(keys + key_pe), to_image.num_heads),
-            first_v=_split_heads(to_image.v_proj(keys), to_image.num_heads),
-            first_image_q=_split_heads(to_token.q_proj(keys + key_pe), to_token.num_heads),
-            grid=(int(features.shape[2]), int(features.shape[3])),
-        )
-
-
-def _two_way_transformer(
-    decoder: MaskDecoder, image: _DecoderImage, tokens: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``TwoWayTransformer.forward`` for ``tokens`` ``(B, T, C)`` on one image: ``(queries (B, T,
-    C), image tokens (B, N, C))``."""
-    transformer = decoder.transformer
-    queries, query_pe, keys = tokens, tokens, image.keys
-    for index, layer in enumerate(transformer.layers):
-        if layer.skip_first_layer_pe:
-            queries = layer.self_attn(q=queries, k=queries, v=queries)
-        else:
-            q = queries + query_pe
-            queries = queries + layer.self_attn(q=q, k=q, v=queries)
-        queries = layer.norm1(queries)
-        to_image = layer.cross_attn_token_to_image
-        q = _split_heads(to_image.q_proj(queries + query_pe), to_image.num_heads)
-        if index == 0:
-            k, v = image.first_k, image.first_v
-        else:
-            k = _split_heads(to_image.k_proj(keys + image.key_pe), to_image.num_heads)
-            v = _split_heads(to_image.v_proj(keys), to_image.num_heads)
-        queries = layer.norm2(queries + _attend(to_image, q, k, v))
-        queries = layer.norm3(queries + layer.mlp(queries))
-        to_token = layer.cross_attn_image_to_token
-        if index == 0:
-            image_q = image.first_image_q
-        else:
-            image_q = _split_heads(to_token.q_proj(keys + image.key_pe), to_token.num_heads)
-        k = _split_heads(to_token.k_proj(queries + query_pe), to_token.num_heads)
-        v = _split_heads(to_token.v_proj(queries), to_token.num_heads)
-        keys = layer.norm4(keys + _attend(to_token, image_q, k, v))
-    final = transformer.final_attn_token_to_image
-    q = _split_heads(final.q_proj(queries + query_pe), final.num_heads)
-    k = _split_heads(final.k_proj(keys + image.key_pe), final.num_heads)
-    v = _split_heads(final.v_proj(keys), final.num_heads)
-    return transformer.norm_final_attn(queries + _attend(final, q, k, v)), keys
-
-
-def _decode_prompts(
-    decoder: MaskDecoder,
-    image: _DecoderImage,
-    sparse: torch.Tensor,
-    *,
-    multimask: bool = True,
-    pred_iou_thresh: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SAM's mask outputs for ``B`` prompts given as sparse embeddings ``(B, T, C)`` (no mask input).
-
-    Args:
-        multimask: SAM's three granularity levels (True) or its single-output mask.
-        pred_iou_thresh: if > 0, masks are predicted only for the prompts with a level whose
-            predicted IoU exceeds it.
-
-    Returns:
-        low-res logits ``(K, M, 4h, 4w)`` and predicted IoU ``(K, M)`` (M = 3 or 1) of the ``K``
-        decoded prompts, and their indices ``(K,) int64`` into the batch.
-    """
-    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-    tokens = torch.cat((output_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse), dim=1)
-    queries, keys = _two_way_transformer(decoder, image, tokens)
-    levels = range(1, decoder.num_mask_tokens) if multimask else range(1)
-    iou = decoder.iou_prediction_head(queries[:, 0])[:, levels.start : levels.stop]
-    decoded = torch.arange(len(iou), device=iou.device)
-    if pred_iou_thresh > 0.0:
-        decoded = torch.nonzero((iou > pred_iou_thresh).any(dim=1)).flatten()
-        queries, keys, iou = queries[decoded], keys[decoded], iou[decoded]
-    if len(keys) == 0:
-        height, width = (4 * size for size in image.grid)
-        return keys.new_zeros((0, iou.shape[1], height, width)), iou, decoded
-    hyper = torch.stack([decoder.output_hypernetworks_mlps[i](queries[:, 1 + i]) for i in levels], dim=1)
-    return _upscaled_masks(decoder, keys, hyper, image.grid), iou, decoded
-
-
-def _upscaled_masks(
-    decoder: MaskDecoder, keys: torch.Tensor, hyper: torch.Tensor, grid: tuple[int, int]
-) -> torch.Tensor:
-    """``hyper @ output_upscaling(image tokens)``: ``(B, M, 4h, 4w)`` low-res mask logits.
-
-    Args:
-        keys: ``(B, h*w, C)`` image tokens after the transformer (row-major grid ``(h, w)``).
-        hyper: ``(B, M, C / 8)`` hypernetwork outputs of the M mask tokens.
-
-    SAM's upscaling (two 2x2 stride-2 transposed convolutions, LayerNorm2d and GELU) maps every
-    token to its own 4x4 output pixels, so it is computed token-major as two matrix products and a
-    layer norm over channels (no image-layout copies), and the M masks are put in image layout
-    last. Falls back to the modules for any other upscaling design.
-    """
-    first, norm, first_act, second, second_act = decoder.output_upscaling
-    convolutions_fit = all(
-        isinstance(conv, nn.ConvTranspose2d)
-        and conv.kernel_size == conv.stride == (2, 2)
-        and conv.padding == (0, 0)
-        for conv in (first, second)
-    )
-    if not (convolutions_fit and isinstance(norm, LayerNorm2d)):
-        batch, _, channels = keys.shape
-        upscaled = decoder.output_upscaling(keys.transpose(1, 2).reshape(batch, channels, *grid))
-        batch, channels, height, width = upscaled.shape
-        return (hyper @ upscaled.view(batch, channels, height * width)).view(batch, -1, height, width)
-    batch, tokens, channels = keys.shape
-    height, width = grid
-    mid, out = first.out_channels, second.out_channels
-    # ConvTranspose2d weight (in, out, 2, 2) → (in, [2 x 2 sub-pixels] x out)
-    x = keys.reshape(-1, channels) @ first.weight.permute(0, 2, 3, 1).reshape(channels, 4 * mid)
-    x = first_act(F.layer_norm(x.view(-1, mid) + first.bias, (mid,), norm.weight, norm.bias, norm.eps))
-    x = x @ second.weight.permute(0, 2, 3, 1).reshape(mid, 4 * out)
-    x = second_act(x.view(batch, tokens * 16, out) + second.bias)
-    masks = x @ hyper.transpose(1, 2)  # (B, tokens x 4 x 4, M)
-    levels = masks.shape[-1]
-    # token (i, j), first sub-pixel (a, b), second (c, d) → pixel (4i + 2a + c, 4j + 2b + d)
-    masks = masks.view(batch, height, width, 2, 2, 2, 2, levels).permute(0, 7, 1, 3, 5, 2, 4, 6)
-    return masks.reshape(batch, levels, 4 * height, 4 * width)
 
 
 def _chunks(grid: np.ndarray, settings: AutoMaskSettings) -> Iterator[np.ndarray]:

@@ -3,6 +3,7 @@ segment-anything's own ``SamAutomaticMaskGenerator``, validation and thread-safe
 
 from __future__ import annotations
 
+import copy
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,11 +11,20 @@ import numpy as np
 import pytest
 import torch
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
+from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
+from samsem_plugin import sam_decoder
 from samsem_plugin.cache import image_key
 from samsem_plugin.prompts import Prompt
 from samsem_plugin.proposer import AutoMaskSettings, SamProposer
 from samsem_plugin.regions import boxes_from_masks
+from samsem_plugin.sam_decoder import (
+    DecoderImage,
+    _factorable,
+    _FactoredTokens,
+    _token_variance,
+    decode_prompts,
+)
 from samsem_plugin.sam_models import build_tiny_sam
 from tests.test_sam_models import one_torch_thread, photo  # noqa: F401 (autouse fixture)
 
@@ -313,3 +323,146 @@ def test_concurrent_requests_never_mix_images(sam, astronaut, coffee):
     for got, want in zip(results, expected * 2, strict=True):
         np.testing.assert_array_equal(got, want)
     assert proposer.encoder_calls == 2  # each image encoded once, even when first asked concurrently
+
+
+# -- factored decoder ----------------------------------------------------------------------------
+
+
+def vit_b_decoder_sam(seed: int = 0) -> Sam:
+    """SAM's ViT-B prompt encoder and mask decoder (random weights; no image encoder: the tests
+    feed random embeddings)."""
+    torch.manual_seed(seed)
+    size, grid = 1024, 64
+    return Sam(
+        image_encoder=torch.nn.Identity(),
+        prompt_encoder=PromptEncoder(
+            embed_dim=256, image_embedding_size=(grid, grid), input_image_size=(size, size), mask_in_chans=16
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+            transformer_dim=256,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        ),
+    ).eval()
+
+
+def sparse_prompts(sam: Sam, kind: str, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Sparse embeddings ``(count, T, C)`` of random prompts in the encoder's input frame."""
+    size = float(sam.prompt_encoder.input_image_size[0])
+    points = labels = boxes = None
+    if kind in ("point", "points", "points+box"):
+        per_prompt = {"point": 1, "points": 3, "points+box": 2}[kind]
+        points = torch.rand(count, per_prompt, 2, generator=generator) * size
+        labels = torch.randint(0, 2, (count, per_prompt), generator=generator)
+        labels[:, 0] = 1
+    if kind in ("box", "points+box"):
+        corners = torch.rand(count, 2, 2, generator=generator) * size
+        boxes = torch.cat([corners.min(dim=1).values, corners.max(dim=1).values], dim=1)
+    sparse, _ = sam.prompt_encoder(
+        points=None if points is None else (points, labels), boxes=boxes, masks=None
+    )
+    return sparse
+
+
+def stock_decoder(sam: Sam, features: torch.Tensor, sparse: torch.Tensor, multimask: bool):
+    dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
+        len(sparse), -1, *features.shape[-2:]
+    )
+    return sam.mask_decoder(
+        image_embeddings=features,
+        image_pe=sam.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=multimask,
+    )
+
+
+@pytest.fixture(scope="module")
+def vit_b_decoder():
+    return vit_b_decoder_sam()
+
+
+@pytest.mark.parametrize("factored_upscaling", [False, True], ids=["sam-norms", "factored-upscaling"])
+@pytest.mark.parametrize("multimask", [True, False], ids=["multimask", "single"])
+@pytest.mark.parametrize("kind", ["point", "points", "box", "points+box"])
+@pytest.mark.parametrize("model", ["tiny", "vit-b"])
+def test_factored_decoder_equals_sams_mask_decoder(
+    sam, vit_b_decoder, monkeypatch, model, kind, multimask, factored_upscaling
+):
+    monkeypatch.setattr(sam_decoder, "FACTORED_UPSCALING", factored_upscaling)
+    model_sam = sam if model == "tiny" else vit_b_decoder
+    generator = torch.Generator().manual_seed(3)
+    channels = model_sam.prompt_encoder.embed_dim
+    grid = model_sam.prompt_encoder.image_embedding_size
+    with torch.inference_mode():
+        features = torch.randn(1, channels, *grid, generator=generator)
+        image = DecoderImage.of(model_sam, features)
+        assert image.factored is not None
+        sparse = sparse_prompts(model_sam, kind, 5, generator)
+        low_res, iou, decoded = decode_prompts(model_sam.mask_decoder, image, sparse, multimask=multimask)
+        expected_low_res, expected_iou = stock_decoder(model_sam, features, sparse, multimask)
+    assert decoded.tolist() == list(range(5))
+    scale = expected_low_res.abs().max().item()
+    np.testing.assert_allclose(low_res, expected_low_res, rtol=1e-5, atol=1e-6 * max(scale, 1.0))
+    np.testing.assert_allclose(iou, expected_iou, rtol=1e-5, atol=1e-6)
+
+
+def test_factored_decoder_filters_prompts_by_predicted_iou(vit_b_decoder):
+    generator = torch.Generator().manual_seed(4)
+    with torch.inference_mode():
+        features = torch.randn(1, 256, 64, 64, generator=generator)
+        sparse = sparse_prompts(vit_b_decoder, "point", 8, generator)
+        image = DecoderImage.of(vit_b_decoder, features)
+        _, all_iou, _ = decode_prompts(vit_b_decoder.mask_decoder, image, sparse)
+        threshold = float(all_iou.max(dim=1).values.median())
+        low_res, iou, decoded = decode_prompts(
+            vit_b_decoder.mask_decoder, image, sparse, pred_iou_thresh=threshold
+        )
+        expected_low_res, expected_iou = stock_decoder(vit_b_decoder, features, sparse[decoded], True)
+    assert 0 < len(decoded) < 8
+    assert decoded.tolist() == torch.nonzero((all_iou > threshold).any(dim=1)).flatten().tolist()
+    np.testing.assert_allclose(low_res, expected_low_res, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(iou, expected_iou, rtol=1e-5, atol=1e-6)
+
+
+def test_decoders_of_another_design_fall_back_to_the_unfactored_path(vit_b_decoder):
+    class ChannelNorm(torch.nn.GroupNorm):  # a norm over the channels of (B, N, C) tokens, no LayerNorm
+        def forward(self, x):
+            return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+    other = copy.deepcopy(vit_b_decoder)
+    other.mask_decoder.transformer.layers[1].norm4 = ChannelNorm(1, 256)
+    assert _factorable(vit_b_decoder.mask_decoder) and not _factorable(other.mask_decoder)
+    generator = torch.Generator().manual_seed(5)
+    with torch.inference_mode():
+        features = torch.randn(1, 256, 64, 64, generator=generator)
+        image = DecoderImage.of(other, features)
+        assert image.factored is None
+        sparse = sparse_prompts(other, "points+box", 3, generator)
+        low_res, iou, _ = decode_prompts(other.mask_decoder, image, sparse)
+        expected_low_res, expected_iou = stock_decoder(other, features, sparse, True)
+    np.testing.assert_allclose(low_res, expected_low_res, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(iou, expected_iou, rtol=1e-5, atol=1e-6)
+
+
+def test_token_variance_recomputes_tokens_whose_variance_cancels():
+    generator = torch.Generator().manual_seed(6)
+    base = torch.randn(6, 16, generator=generator, dtype=torch.float64)
+    base = base - base.mean(-1, keepdim=True)
+    rows = torch.randn(1, 3, 16, generator=generator, dtype=torch.float64)
+    coeff = torch.randn(1, 3, 6, generator=generator, dtype=torch.float64)
+    scale = torch.rand(1, 6, generator=generator, dtype=torch.float64) + 0.5
+    # tokens 0 and 3: the update cancels the base up to 1e-6
+    rows[0, 0] = -base[0] * scale[0, 0] + 1e-6 * torch.randn(16, generator=generator, dtype=torch.float64)
+    coeff[0, :, 0] = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    coeff[0, :, 3] = coeff[0, :, 0]
+    base[3] = base[0] * scale[0, 0] / scale[0, 3]
+    tokens = _FactoredTokens(scale.float(), coeff.float(), rows.float())
+    values = scale[0, :, None] * base + coeff[0].T @ rows[0]
+    expected = values.var(dim=-1, unbiased=False) + 1e-5
+    base32 = base.float()
+    cross = (coeff * (base @ rows[0].T).T[None]).sum(1)
+    variance = _token_variance(tokens, lambda: base32, base32.square().sum(-1), cross.float(), 1e-5)
+    np.testing.assert_allclose(variance[0].double(), expected, rtol=1e-5)
