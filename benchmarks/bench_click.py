@@ -22,10 +22,14 @@ import numpy as np
 from benchmarks.fixtures import distinct_images, model_choice, sam_checkpoint, scene_image, work_dir
 from benchmarks.harness import BenchmarkResult, Comparison, Timing, time_once
 from benchmarks.service import Service, click_body, model_env, task, write_images
+from samsem_plugin.brush_rle import rle_decode
 
 CACHED_VS_REEMBED_TARGET = 100.0
 IMAGE_SIZE = (768, 1024)  # (H, W)
 CACHED_CLICKS_PER_IMAGE = 3
+SAME_MASK_IOU = 0.99
+"""The baseline's encoder is segment-anything's own, ours the fused one (same function, float32
+rounding differs by ~3e-6), so a few pixels on a mask's edge may differ: masks are compared by IoU."""
 
 
 def _click_points(count: int, seed: int) -> list[tuple[float, float]]:
@@ -34,6 +38,14 @@ def _click_points(count: int, seed: int) -> list[tuple[float, float]]:
     return [
         (float(rng.uniform(0.1, 0.9) * width), float(rng.uniform(0.1, 0.9) * height)) for _ in range(count)
     ]
+
+
+def _mask_iou(ours: dict, theirs: dict) -> float:
+    """IoU of the masks of two brush results of an ``IMAGE_SIZE`` image (1.0 when both are empty)."""
+    height, width = IMAGE_SIZE
+    a, b = (rle_decode(result["value"]["rle"], height, width) for result in (ours, theirs))
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
 def _timed_click(service: Service, timing: Timing, task_record: dict, xy: tuple[float, float]) -> dict:
@@ -86,11 +98,14 @@ def run(quick: bool) -> BenchmarkResult:
                 _timed_click(ours_service, cached, new, xy)
             base_region = _timed_click(baseline_service, reembed, seen, points[0])
             ours_region = _timed_click(ours_service, cached, seen, points[0])
-            agree.append(ours_region["value"]["rle"] == base_region["value"]["rle"])
+            agree.append(_mask_iou(ours_region, base_region))
         passes = "samsem_encoder_passes_total"
         result.info["ours_sam_encoder_passes"] = ours_service.metric(passes, {"model": "sam"})
         result.info["baseline_sam_encoder_passes"] = baseline_service.metric(passes, {"model": "sam"})
-    check = f"same mask bytes as re-embedding: {all(agree)} ({sum(agree)}/{len(agree)})"
+    check = (
+        f"mask IoU vs re-embedding (stock encoder) >= {SAME_MASK_IOU}: {min(agree) >= SAME_MASK_IOU} "
+        f"(min {min(agree):.4f} over {len(agree)})"
+    )
     target = CACHED_VS_REEMBED_TARGET if models.is_real else None
     result.comparisons += [
         Comparison("click: cached vs re-embed per click", cached, reembed, target, check),

@@ -32,6 +32,7 @@ from segment_anything.utils.amg import (
     remove_small_regions,
 )
 from segment_anything.utils.transforms import ResizeLongestSide
+from torch.nn import functional as F
 from torchvision.ops.boxes import batched_nms
 
 from samsem_plugin.cache import ByteLRUCache, image_key
@@ -266,11 +267,19 @@ class SamProposer:
         return low_res.float(), iou.float()
 
     def _upsample(self, low_res: torch.Tensor, embedding: ImageEmbedding) -> torch.Tensor:
-        """``(N, h, w)`` low-res logits → ``(N, H, W)`` logits at the original image size."""
+        """``(N, h, w)`` low-res logits → ``(N, H, W)`` logits at the original image size.
+
+        ``Sam.postprocess_masks``: bilinear to the encoder's square input, crop the unpadded part,
+        bilinear to the original size. The last step is skipped when the crop already has the
+        original size (images whose long side is the encoder's 1024): a same-size bilinear
+        resample with ``align_corners=False`` is the identity, so the values are the same."""
+        side = self.sam.image_encoder.img_size
         with torch.inference_mode():
-            return self.sam.postprocess_masks(
-                low_res[:, None], embedding.input_size, embedding.original_size
-            )[:, 0]
+            logits = F.interpolate(low_res[:, None], (side, side), mode="bilinear", align_corners=False)
+            logits = logits[..., : embedding.input_size[0], : embedding.input_size[1]]
+            if tuple(logits.shape[-2:]) != tuple(embedding.original_size):
+                logits = F.interpolate(logits, embedding.original_size, mode="bilinear", align_corners=False)
+            return logits[:, 0]
 
     # -- prompts ------------------------------------------------------------------------------
 

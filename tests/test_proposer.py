@@ -16,7 +16,7 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTra
 from samsem_plugin import sam_decoder
 from samsem_plugin.cache import image_key
 from samsem_plugin.prompts import Prompt
-from samsem_plugin.proposer import AutoMaskSettings, SamProposer
+from samsem_plugin.proposer import AutoMaskSettings, ImageEmbedding, SamProposer
 from samsem_plugin.regions import boxes_from_masks
 from samsem_plugin.sam_decoder import (
     DecoderImage,
@@ -466,3 +466,19 @@ def test_token_variance_recomputes_tokens_whose_variance_cancels():
     cross = (coeff * (base @ rows[0].T).T[None]).sum(1)
     variance = _token_variance(tokens, lambda: base32, base32.square().sum(-1), cross.float(), 1e-5)
     np.testing.assert_allclose(variance[0].double(), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("original_size", [(192, 256), (256, 192), (100, 140), (300, 400)])
+def test_upsampling_equals_sams_postprocess_masks_exactly(proposer, sam, original_size):
+    """Including sizes whose long side is the encoder's (256 for the tiny model), where the final
+    same-size resample is skipped."""
+    side = sam.image_encoder.img_size
+    scale = side / max(original_size)
+    input_size = tuple(int(round(size * scale)) for size in original_size)
+    embedding = ImageEmbedding(torch.zeros(1), input_size, original_size)
+    low_res = torch.randn(3, side // 4, side // 4, generator=torch.Generator().manual_seed(0)) * 5
+    ours = proposer._upsample(low_res, embedding)
+    with torch.inference_mode():
+        stock = sam.postprocess_masks(low_res[:, None], input_size, original_size)[:, 0]
+    assert ours.shape == (3, *original_size)
+    assert torch.equal(ours, stock)
