@@ -50,6 +50,7 @@ from werkzeug.exceptions import HTTPException
 import samsem_plugin
 from backend.auth import install_auth
 from backend.images import ImageFetchError
+from backend.json_responses import OrjsonProvider
 from backend.learning import parse_webhook
 from backend.messages import quiet_url_loggers, shorten
 from backend.native_memory import release_free_memory
@@ -99,7 +100,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> Flask:
     quiet_url_loggers()
     app = Flask("samsem")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
-    app.json.sort_keys = False
+    app.json = OrjsonProvider(app)
     app.extensions["samsem_runtime"] = runtime
     _install_request_metrics(app, runtime)  # first: refused requests are counted too
     install_auth(app, settings)
