@@ -301,16 +301,17 @@ class MaskEmbedder:
         """
         return self.feature_maps(image)[0]
 
-    def feature_maps(self, image: np.ndarray) -> tuple[np.ndarray, ...]:
+    def feature_maps(self, image: np.ndarray, *, key: str | None = None) -> tuple[np.ndarray, ...]:
         """Every map that is pooled: ``(last map,)``, or ``(last map, half-stride map,
         quarter-stride map)`` when multi-scale; each ``(gh_i, gw_i, D_i) float32``, read-only, cached
         together by content.
 
         Args:
             image: ``(H, W, 3) uint8`` RGB.
+            key: ``image_key(image)`` when the caller has it (saves hashing the image again).
         """
         validate_image(image)
-        key = image_key(image)
+        key = image_key(image) if key is None else key
         cached = self.cache.get(key)
         if cached is not None:
             return cached
@@ -388,12 +389,13 @@ class MaskEmbedder:
 
     # -- embeddings -----------------------------------------------------------------------------
 
-    def embed(self, image: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    def embed(self, image: np.ndarray, masks: np.ndarray, *, key: str | None = None) -> np.ndarray:
         """Embeddings of masks on ``image``, all pooled in one matrix product.
 
         Args:
             image: ``(H, W, 3) uint8`` RGB.
             masks: ``(N, H, W) bool`` (row = y, column = x).
+            key: ``image_key(image)`` when the caller has it (saves hashing the image again).
 
         Returns:
             ``(N, D) float32``, each row L2-normalised; an all-empty mask gives a zero vector. N = 0
@@ -409,7 +411,7 @@ class MaskEmbedder:
         if masks.shape[0] == 0:
             return np.zeros((0, self.dim), np.float32)
         parts = []
-        for grid in self.feature_maps(image):
+        for grid in self.feature_maps(image, key=key):
             gh, gw, dim = grid.shape
             weights = cell_coverage(masks, (gh, gw)).reshape(masks.shape[0], gh * gw)
             parts.append(pool_normalised(weights, grid.reshape(gh * gw, dim)))
@@ -417,10 +419,11 @@ class MaskEmbedder:
             return parts[0]
         return (np.concatenate(parts, axis=1) / np.float32(np.sqrt(len(parts)))).astype(np.float32)
 
-    def embed_regions(self, image: np.ndarray, regions: Regions) -> Regions:
-        """``regions`` with ``embeddings`` filled (``(N, D) float32``, see :meth:`embed`)."""
+    def embed_regions(self, image: np.ndarray, regions: Regions, *, key: str | None = None) -> Regions:
+        """``regions`` with ``embeddings`` filled (``(N, D) float32``, see :meth:`embed`; ``key`` as
+        there)."""
         if regions.image_size != tuple(image.shape[:2]):
             raise ValueError(
                 f"regions: expected the image's size {tuple(image.shape[:2])}, got {regions.image_size}"
             )
-        return regions.with_(embeddings=self.embed(image, regions.masks))
+        return regions.with_(embeddings=self.embed(image, regions.masks, key=key))

@@ -210,15 +210,16 @@ class Pipeline:
     def embedded_proposals(self, image: np.ndarray) -> Regions:
         """SAM's automatic masks of ``image`` with their embeddings (unlabelled), cached per
         image content and automatic-mask settings. The arrays are shared and read-only."""
-        key = f"{image_key(image)}/{self.auto_settings!r}"
+        content = image_key(image)  # hashed once, passed down
+        key = f"{content}/{self.auto_settings!r}"
         cached = self.proposal_cache.get(key)
         if cached is not None:
             return cached
         with self.timer("sam"):
-            proposals = self.proposer.generate(image, self.auto_settings)
+            proposals = self.proposer.generate(image, self.auto_settings, key=content)
         if len(proposals):
             with self.timer("embed"):
-                proposals = self.embedder.embed_regions(image, proposals)
+                proposals = self.embedder.embed_regions(image, proposals, key=content)
         for array in (proposals.masks, proposals.boxes, proposals.proposal_score, proposals.embeddings):
             if array is not None:
                 array.flags.writeable = False
@@ -244,10 +245,11 @@ class Pipeline:
         ``extra["level"]`` which SAM level was chosen. The region id is ``"prompt0"``.
         """
         validate_image(image)
+        content = image_key(image)  # hashed once, passed down
         with self.timer("sam"):
-            levels = self.proposer.predict_prompt(image, prompt)
+            levels = self.proposer.predict_prompt(image, prompt, key=content)
         with self.timer("embed"):
-            levels = self.embedder.embed_regions(image, levels)
+            levels = self.embedder.embed_regions(image, levels, key=content)
         with self.timer("classify"):
             candidates = np.flatnonzero(levels_containing_clicks(levels, prompt))
             best = int(candidates[int(classifier.choose_granularity(levels[candidates], allowed_labels))])

@@ -196,9 +196,11 @@ class SamProposer:
         """
         return self._embedding(image)[0]
 
-    def _embedding(self, image: np.ndarray) -> tuple[str, ImageEmbedding]:
+    def _embedding(self, image: np.ndarray, key: str | None = None) -> tuple[str, ImageEmbedding]:
+        """The image's cache key (``key`` if given: ``image_key(image)`` computed by the caller)
+        and its cached or freshly computed embedding."""
         validate_image(image)
-        key = image_key(image)
+        key = image_key(image) if key is None else key
         with self._lock:
             embedding = self.cache.get(key)
             if embedding is None:
@@ -283,7 +285,9 @@ class SamProposer:
 
     # -- prompts ------------------------------------------------------------------------------
 
-    def predict_prompt(self, image: np.ndarray, prompt: Prompt, multimask: bool = True) -> Regions:
+    def predict_prompt(
+        self, image: np.ndarray, prompt: Prompt, multimask: bool = True, *, key: str | None = None
+    ) -> Regions:
         """SAM's masks for one prompt (points and/or box), reusing the cached image embedding.
 
         Args:
@@ -292,6 +296,7 @@ class SamProposer:
                 prompt; coordinates must lie within the image.
             multimask: True → SAM's three granularity levels (small part → whole / group); False →
                 SAM's single-output mask.
+            key: ``image_key(image)`` when the caller has it (saves hashing the image again).
 
         Returns:
             :class:`Regions` with 3 masks (ids ``"level0"``–``"level2"``, ``extra["level"]`` =
@@ -303,7 +308,7 @@ class SamProposer:
         Raises:
             ValueError: bad image, not a Prompt, or coordinates outside the image.
         """
-        key, embedding = self._embedding(image)
+        key, embedding = self._embedding(image, key)
         _check_prompt(prompt, embedding.original_size)
         points = labels = box = None
         if len(prompt.points):
@@ -333,13 +338,15 @@ class SamProposer:
 
     # -- automatic masks ----------------------------------------------------------------------
 
-    def generate(self, image: np.ndarray, settings: AutoMaskSettings = AutoMaskSettings()) -> Regions:
+    def generate(
+        self, image: np.ndarray, settings: AutoMaskSettings = AutoMaskSettings(), *, key: str | None = None
+    ) -> Regions:
         """Automatic masks from a point grid, as ``SamAutomaticMaskGenerator`` computes them.
 
         Per grid point SAM's three masks are kept when predicted IoU > ``pred_iou_thresh`` and
         stability >= ``stability_score_thresh``; duplicates are removed by box NMS (scores:
         predicted IoU); optionally small holes/islands are removed (``min_mask_region_area``).
-        Reuses the cached image embedding.
+        Reuses the cached image embedding (``key``: ``image_key(image)`` when the caller has it).
 
         Returns:
             :class:`Regions` in NMS order (best first), ids ``"auto0"``, ``"auto1"``, …;
@@ -352,7 +359,7 @@ class SamProposer:
         """
         if not isinstance(settings, AutoMaskSettings):
             raise ValueError(f"settings: expected AutoMaskSettings, got {type(settings).__name__}")
-        key, embedding = self._embedding(image)
+        key, embedding = self._embedding(image, key)
         h, w = embedding.original_size
         grid = build_point_grid(settings.points_per_side) * np.array([[w, h]], dtype=np.float64)
         with self._lock, torch.inference_mode(), self._model_context():

@@ -189,9 +189,9 @@ class CountingProposer:
         self.proposer = proposer
         self.generate_calls = 0
 
-    def generate(self, image, settings):
+    def generate(self, image, settings, *, key=None):
         self.generate_calls += 1
-        return self.proposer.generate(image, settings)
+        return self.proposer.generate(image, settings, key=key)
 
 
 @pytest.mark.parametrize(("cache_bytes", "runs"), [(64 << 20, 1), (0, 2)])
@@ -282,3 +282,25 @@ def test_plan_learning_of_an_empty_annotation_touches_no_model(tiny_models):
 def test_pipeline_rejects_images_that_are_not_hw3_uint8(tiny_models, bad):
     with pytest.raises(ValueError, match=r"image: expected"):
         tiny_models.pipeline.predict_auto(bad, empty_classifier(), None)
+
+
+def test_a_click_and_an_automatic_prediction_hash_the_image_once(tiny_models, image, monkeypatch):
+    from samsem_plugin import cache, embedder, pipeline, proposer
+
+    calls = []
+
+    def counting_key(array):
+        calls.append(array.shape)
+        return cache.image_key(array)
+
+    for module in (embedder, pipeline, proposer):
+        monkeypatch.setattr(module, "image_key", counting_key)
+    fresh = image.copy()
+    fresh[0, 0] ^= 1  # not yet in any cache
+    prompt = Prompt(points=[[19.5, 17.5]], point_labels=[1])
+    clicked = tiny_models.pipeline.predict_prompt(fresh, prompt, empty_classifier())
+    assert len(calls) == 1 and clicked.masks[0, 17, 19]
+    tiny_models.pipeline.predict_auto(fresh, empty_classifier(), None)
+    assert len(calls) == 2
+    sam_key = cache.image_key(fresh)
+    assert sam_key in tiny_models.pipeline.proposer.cache and sam_key in tiny_models.pipeline.embedder.cache
