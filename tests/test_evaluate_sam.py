@@ -212,9 +212,9 @@ def sam_run(coco_dataset, tmp_path_factory):
     generated: list[tuple[str, AutoMaskSettings]] = []
     original = SamProposer.generate
 
-    def counting(self, image, settings=AutoMaskSettings()):
+    def counting(self, image, settings=AutoMaskSettings(), *, key=None):
         generated.append((image_key(image), settings))
-        return original(self, image, settings)
+        return original(self, image, settings, key=key)
 
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
