@@ -43,7 +43,7 @@ from samsem_plugin.ls_format import regions_to_results
 from samsem_plugin.memory import POSITIVE, MemorySnapshot
 from samsem_plugin.pipeline import Pipeline, cap_regions, deduplicate_same_label
 from samsem_plugin.proposer import AutoMaskSettings, SamProposer
-from samsem_plugin.regions import Regions
+from samsem_plugin.regions import Regions, mask_ious
 from samsem_plugin.scenes import DEFAULT_CLASSES, make_scene
 
 TARGET = 3.0
@@ -58,22 +58,13 @@ LABEL_CONFIG = (
 )
 
 
-def match_ious(ours: np.ndarray, theirs: np.ndarray) -> np.ndarray:
-    """``(N, M)`` mask IoU matrix of two ``(N, H, W)`` / ``(M, H, W)`` bool stacks."""
-    a = ours.reshape(len(ours), -1).astype(np.float32)
-    b = theirs.reshape(len(theirs), -1).astype(np.float32)
-    inter = a @ b.T
-    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
-
-
 def same_masks(ours: np.ndarray, theirs: np.ndarray, min_iou: float = 0.99) -> tuple[bool, float]:
     """Whether the two mask sets match one-to-one with IoU >= ``min_iou``, and the worst IoU."""
     if len(ours) != len(theirs):
         return False, 0.0
     if len(ours) == 0:
         return True, 1.0
-    ious = match_ious(ours, theirs)
+    ious = mask_ious(ours, theirs)
     best = ious.max(axis=1)
     one_to_one = len(set(ious.argmax(axis=1).tolist())) == len(theirs)
     return bool(one_to_one and (best >= min_iou).all()), float(best.min())
@@ -192,7 +183,7 @@ def run(quick: bool) -> BenchmarkResult:
         fast.forget()
         fast_timing.seconds.append(time_once(lambda: fast(image))[0])
         bf16_masks = fast.proposals(image)
-        ious = match_ious(bf16_masks, naive.last_masks) if len(bf16_masks) and len(naive.last_masks) else None
+        ious = mask_ious(bf16_masks, naive.last_masks) if len(bf16_masks) and len(naive.last_masks) else None
         matched = 0.0 if ious is None else float((ious.max(axis=1) >= 0.9).mean())
         result.comparisons.append(
             Comparison(

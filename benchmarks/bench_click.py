@@ -23,6 +23,7 @@ from benchmarks.fixtures import distinct_images, model_choice, sam_checkpoint, s
 from benchmarks.harness import BenchmarkResult, Comparison, Timing, time_once
 from benchmarks.service import Service, click_body, model_env, task, write_images
 from samsem_plugin.brush_rle import rle_decode
+from samsem_plugin.regions import mask_ious
 
 CACHED_VS_REEMBED_TARGET = 100.0
 IMAGE_SIZE = (768, 1024)  # (H, W)
@@ -43,9 +44,8 @@ def _click_points(count: int, seed: int) -> list[tuple[float, float]]:
 def _mask_iou(ours: dict, theirs: dict) -> float:
     """IoU of the masks of two brush results of an ``IMAGE_SIZE`` image (1.0 when both are empty)."""
     height, width = IMAGE_SIZE
-    a, b = (rle_decode(result["value"]["rle"], height, width) for result in (ours, theirs))
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+    a, b = (rle_decode(result["value"]["rle"], height, width)[None] for result in (ours, theirs))
+    return float(mask_ious(a, b)[0, 0])
 
 
 def _timed_click(service: Service, timing: Timing, task_record: dict, xy: tuple[float, float]) -> dict:

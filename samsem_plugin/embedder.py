@@ -292,14 +292,15 @@ class MaskEmbedder:
 
     # -- features -------------------------------------------------------------------------------
 
-    def features(self, image: np.ndarray) -> np.ndarray:
+    def features(self, image: np.ndarray, *, key: str | None = None) -> np.ndarray:
         """Dense backbone features of ``image``: ``(gh, gw, D') float32``, read-only, cached by content
         (``D' = model.num_features``: the last map only, also when multi-scale).
 
         Args:
             image: ``(H, W, 3) uint8`` RGB.
+            key: ``image_key(image)`` when the caller has it (saves hashing the image again).
         """
-        return self.feature_maps(image)[0]
+        return self.feature_maps(image, key=key)[0]
 
     def feature_maps(self, image: np.ndarray, *, key: str | None = None) -> tuple[np.ndarray, ...]:
         """Every map that is pooled: ``(last map,)``, or ``(last map, half-stride map,

@@ -308,7 +308,8 @@ class Pipeline:
         Used to prefetch at batch-predict time so that the first interactive click is fast.
         """
         validate_image(image)
+        content = image_key(image)  # hashed once, passed down
         with self.timer("sam"):
-            self.proposer.embed_image(image)
+            self.proposer.embed_image(image, key=content)
         with self.timer("embed"):
-            self.embedder.features(image)
+            self.embedder.features(image, key=content)

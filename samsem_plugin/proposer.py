@@ -185,16 +185,17 @@ class SamProposer:
 
     # -- embeddings ---------------------------------------------------------------------------
 
-    def embed_image(self, image: np.ndarray) -> str:
+    def embed_image(self, image: np.ndarray, *, key: str | None = None) -> str:
         """Compute (or find in the cache) the SAM embedding of ``image``; returns its cache key.
 
         Args:
             image: ``(H, W, 3) uint8`` RGB.
+            key: ``image_key(image)`` when the caller has it (saves hashing the image again).
 
         Raises:
             ValueError: wrong type, shape or dtype.
         """
-        return self._embedding(image)[0]
+        return self._embedding(image, key)[0]
 
     def _embedding(self, image: np.ndarray, key: str | None = None) -> tuple[str, ImageEmbedding]:
         """The image's cache key (``key`` if given: ``image_key(image)`` computed by the caller)

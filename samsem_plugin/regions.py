@@ -234,3 +234,13 @@ class Regions:
             embeddings=embeddings,
             extra={k: np.concatenate([p.extra[k] for p in parts]) for k in extra_keys},
         )
+
+
+def mask_ious(masks: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """``(N, M) float64`` IoU of every mask of ``masks`` ``(N, H, W) bool`` with every mask of
+    ``other`` ``(M, H, W) bool`` (two empty masks have IoU 1)."""
+    a = masks.reshape(len(masks), -1).astype(np.float64)
+    b = other.reshape(len(other), -1).astype(np.float64)
+    inter = a @ b.T
+    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)

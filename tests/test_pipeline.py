@@ -284,7 +284,7 @@ def test_pipeline_rejects_images_that_are_not_hw3_uint8(tiny_models, bad):
         tiny_models.pipeline.predict_auto(bad, empty_classifier(), None)
 
 
-def test_a_click_and_an_automatic_prediction_hash_the_image_once(tiny_models, image, monkeypatch):
+def test_a_click_an_automatic_prediction_and_a_warm_up_hash_the_image_once(tiny_models, image, monkeypatch):
     from samsem_plugin import cache, embedder, pipeline, proposer
 
     calls = []
@@ -302,5 +302,7 @@ def test_a_click_and_an_automatic_prediction_hash_the_image_once(tiny_models, im
     assert len(calls) == 1 and clicked.masks[0, 17, 19]
     tiny_models.pipeline.predict_auto(fresh, empty_classifier(), None)
     assert len(calls) == 2
+    tiny_models.pipeline.warm(fresh)
+    assert len(calls) == 3
     sam_key = cache.image_key(fresh)
     assert sam_key in tiny_models.pipeline.proposer.cache and sam_key in tiny_models.pipeline.embedder.cache

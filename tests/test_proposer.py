@@ -17,7 +17,7 @@ from samsem_plugin import sam_decoder
 from samsem_plugin.cache import image_key
 from samsem_plugin.prompts import Prompt
 from samsem_plugin.proposer import AutoMaskSettings, ImageEmbedding, SamProposer
-from samsem_plugin.regions import boxes_from_masks
+from samsem_plugin.regions import boxes_from_masks, mask_ious
 from samsem_plugin.sam_decoder import (
     DecoderImage,
     _factorable,
@@ -65,15 +65,6 @@ def reference(sam, image, prompt: Prompt, multimask: bool = True):
         box=prompt.box,
         multimask_output=multimask,
     )
-
-
-def match_ious(masks: np.ndarray, other: np.ndarray) -> np.ndarray:
-    """``(N, M)`` IoU matrix of two mask stacks."""
-    a = masks.reshape(len(masks), -1).astype(np.float64)
-    b = other.reshape(len(other), -1).astype(np.float64)
-    inter = a @ b.T
-    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
 # -- settings ------------------------------------------------------------------------------------
@@ -243,7 +234,7 @@ def assert_same_as_stock_generator(sam, image, settings: AutoMaskSettings, ours)
     ).generate(image)
     assert len(ours) == len(stock) >= 4
     theirs = np.stack([record["segmentation"] for record in stock])
-    ious = match_ious(ours.masks, theirs)
+    ious = mask_ious(ours.masks, theirs)
     match = ious.argmax(axis=1)
     assert sorted(match.tolist()) == list(range(len(stock)))  # one-to-one
     assert (ious.max(axis=1) >= 0.99).all()
@@ -301,7 +292,7 @@ def test_bfloat16_autocast_runs_and_returns_float32(sam, astronaut):
     assert fast.extra["low_res_logits"].dtype == np.float32 and fast.proposal_score.dtype == np.float32
     assert not np.array_equal(fast.extra["low_res_logits"], exact.extra["low_res_logits"])  # bf16 was used
     np.testing.assert_allclose(fast.extra["predicted_iou"], exact.extra["predicted_iou"], atol=0.02)
-    assert match_ious(fast.masks[2:], exact.masks[2:])[0, 0] >= 0.9
+    assert mask_ious(fast.masks[2:], exact.masks[2:])[0, 0] >= 0.9
 
 
 # -- threads -------------------------------------------------------------------------------------

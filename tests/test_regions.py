@@ -80,3 +80,13 @@ def test_no_regions_have_no_areas_and_deduplicate_to_nothing():
     empty = Regions.from_masks(np.zeros((0, 6, 8), bool))
     assert empty.areas.shape == (0,) and empty.areas.dtype == np.int64
     assert len(deduplicate_same_label(empty)) == 0
+
+
+def test_mask_ious_of_two_stacks():
+    from samsem_plugin.regions import mask_ious
+
+    masks = _masks()  # areas 6, 1, 0
+    ious = mask_ious(masks, masks[[0, 2]])
+    assert ious.shape == (3, 2)
+    np.testing.assert_allclose(ious[:, 0], [1.0, masks[1][masks[0]].sum() / 6, 0.0])
+    assert ious[2, 1] == 1.0 and ious[0, 1] == 0.0  # two empty masks match; empty vs non-empty: 0
