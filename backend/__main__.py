@@ -3,8 +3,9 @@
 Exit status 2 with a message listing every problem when the settings (environment variables) or
 the files they point to are wrong. Otherwise the process becomes
 ``gunicorn -c backend/gunicorn_conf.py backend.wsgi:app`` (``exec``: signals go straight to
-gunicorn), with ``MALLOC_ARENA_MAX=2`` unless set (see :mod:`backend.native_memory`). ``--dev``
-runs Flask's development server instead (one process, threaded; not for production).
+gunicorn), with the native libraries' defaults (``MALLOC_ARENA_MAX=2``, ``OPENBLAS_NUM_THREADS=1``)
+unless set (see :mod:`backend.native_environment`). ``--dev`` runs Flask's development server
+instead (one process, threaded; not for production), with the same defaults set before numpy loads.
 ``--check`` validates and exits.
 """
 
@@ -17,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from backend.native_memory import allocator_environment
+from backend.native_environment import native_environment
 from backend.settings import Settings, SettingsError
 
 logger = logging.getLogger("backend")
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(settings.describe(), indent=2))
         return 0
     if args.dev:
+        os.environ.update(native_environment(os.environ))
         from backend import wsgi  # configures logging and builds the app
 
         logger.info("settings: %s", json.dumps(settings.describe()))
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.info("settings: %s", json.dumps(settings.describe()))
     command = gunicorn_command()
-    os.execve(command[0], command, allocator_environment(os.environ))
+    os.execve(command[0], command, native_environment(os.environ))
     return 0  # not reached
 
 

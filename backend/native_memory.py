@@ -5,7 +5,7 @@ glibc keeps freed heap memory mapped in per-thread arenas, so the service's resi
 drift above what its bounded caches hold. Two measures, both glibc-only (no-ops elsewhere):
 
 * ``python -m backend`` starts gunicorn with ``MALLOC_ARENA_MAX=2`` unless it is set (fewer arenas
-  for the request threads, less fragmentation): :func:`allocator_environment`;
+  for the request threads, less fragmentation): :mod:`backend.native_environment`;
 * after every batch prediction the service calls ``malloc_trim(0)``: :func:`release_free_memory`.
 """
 
@@ -14,14 +14,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-from collections.abc import Callable, Mapping
-
-DEFAULT_MALLOC_ARENA_MAX = "2"
-
-
-def allocator_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """``environ`` plus ``MALLOC_ARENA_MAX=2`` unless the variable is already set."""
-    return {"MALLOC_ARENA_MAX": DEFAULT_MALLOC_ARENA_MAX, **environ}
+from collections.abc import Callable
 
 
 @functools.cache

@@ -22,6 +22,8 @@ import numpy as np
 import requests
 from PIL import Image
 
+from backend.native_environment import native_environment
+
 REPO = Path(__file__).resolve().parents[1]
 GUNICORN_CONF = REPO / "backend" / "gunicorn_conf.py"
 PROJECT = "1"
@@ -99,7 +101,8 @@ class Service:
     Args:
         env: service settings (environment variables) on top of this process's environment.
         log_path: where the service's stdout/stderr go.
-        wsgi_app: ``module:app`` to serve instead of ``python -m backend`` (same gunicorn config).
+        wsgi_app: ``module:app`` to serve instead of ``python -m backend`` (same gunicorn config and
+            native libraries' settings, :func:`~backend.native_environment.native_environment`).
     """
 
     def __init__(self, env: Mapping[str, str], log_path: Path, wsgi_app: str | None = None) -> None:
@@ -108,15 +111,17 @@ class Service:
         if wsgi_app is not None:  # another app under the service's own gunicorn configuration
             self.command = [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), wsgi_app]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {
-            **os.environ,
-            "HOST": "127.0.0.1",
-            "PORT": str(self.port),
-            "WORKERS": "1",
-            "LOG_LEVEL": "WARNING",
-            "PYTHONPATH": str(REPO),
-            **env,
-        }
+        self.env = native_environment(
+            {
+                **os.environ,
+                "HOST": "127.0.0.1",
+                "PORT": str(self.port),
+                "WORKERS": "1",
+                "LOG_LEVEL": "WARNING",
+                "PYTHONPATH": str(REPO),
+                **env,
+            }
+        )
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
         self.session = requests.Session()

@@ -76,6 +76,7 @@ def test_python_m_backend_serves_health_setup_and_predict(label_studio, tmp_path
         assert health[1]["models_loaded"] is False, "models load lazily, not at start"
         environ = Path(f"/proc/{process.pid}/environ").read_bytes().split(b"\0")
         assert b"MALLOC_ARENA_MAX=2" in environ, "gunicorn runs with fewer malloc arenas"
+        assert b"OPENBLAS_NUM_THREADS=1" in environ, "numpy's BLAS leaves the cores to torch"
 
         status, setup = call(port, "/setup", load_fixture("setup"))
         assert status == 200 and setup["model_version"].startswith("samsem-")
