@@ -8,6 +8,10 @@ Benchmarks (``--only`` names): see :data:`BENCHMARKS`. ``--quick`` (about 1–3 
 tiny SAM and timm's ``test_vit`` where the real architectures cost minutes, and fewer repeats; the
 default run (about 10 minutes on 2 CPU cores) uses SAM ViT-B and DINOv2 ViT-S/14 with random
 weights. Targets are judged on the default run.
+
+The command runs with the service's native-library settings (``MALLOC_ARENA_MAX``,
+``OPENBLAS_NUM_THREADS``; :mod:`backend.native_environment`): it re-executes itself with them
+unless they are set, so in-process figures see the same thread setup as the service.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
 from typing import Any
 
+from backend.native_environment import native_environment
 from benchmarks.harness import BenchmarkResult, load_average, machine_facts, print_table, write_json
 
 BENCHMARKS: dict[str, str] = {
@@ -93,5 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _with_native_environment() -> None:
+    """Re-execute ``python -m benchmarks ...`` with the service's native settings if any is unset."""
+    environ = native_environment(os.environ)
+    if environ != dict(os.environ):
+        os.execve(sys.executable, [sys.executable, "-m", "benchmarks", *sys.argv[1:]], environ)
+
+
 if __name__ == "__main__":
+    _with_native_environment()
     sys.exit(main())

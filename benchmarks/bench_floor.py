@@ -50,6 +50,9 @@ FRACTION_TARGET = 60.0
 SAM_INPUT = 1024
 PHOTO_CROPS = 48
 EMBED_MASKS = 100
+ENCODER_PASSES = 5
+"""Timed passes of our encoder per dtype in the full run (best one against the ceiling)."""
+STOCK_ENCODER_PASSES = 2
 
 
 def _autocast(dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -94,13 +97,17 @@ def encoder_figures(quick: bool, result: BenchmarkResult) -> None:
     exact = _encoder_call(ours, pixels, None)()
     difference = float((exact - _encoder_call(stock, pixels, None)()).abs().max())
     bf16_difference = float((_encoder_call(ours, pixels, torch.bfloat16)() - exact).abs().max())
-    repeats = 3 if quick else 2
+    # The fraction of the ceiling takes our best pass: on a shared machine a 5 s pass rarely runs
+    # undisturbed, while the ceiling's 50 ms probes easily find a quiet moment; so ours gets more
+    # passes than the (2x slower, informational) stock encoder. The ratio uses medians.
+    repeats, stock_repeats = (3, 3) if quick else (ENCODER_PASSES, STOCK_ENCODER_PASSES)
     comparison = compare_interleaved(
         f"SAM {models.sam} encoder pass fp32: fused vs stock",
         ("fused attention", _encoder_call(ours, pixels, None)),
         ("segment-anything", _encoder_call(stock, pixels, None)),
         repeats=repeats,
         warmup=0,
+        baseline_repeats=stock_repeats,
     )
     comparison.check = f"max abs difference {difference:.1e}"
     result.comparisons.append(comparison)

@@ -297,6 +297,9 @@ def machine_facts() -> dict[str, Any]:
         facts["cpu_model"] = model
     except OSError:
         facts["cpu_flags"] = []
+    facts["environment"] = {
+        name: os.environ.get(name, "unset") for name in ("MALLOC_ARENA_MAX", "OPENBLAS_NUM_THREADS")
+    }
     facts["load_average"] = load_average()
     return facts
 
