@@ -48,10 +48,67 @@ DEFAULT_ALPHA_THRESHOLD = 128
 # -- encoding ------------------------------------------------------------------------------------
 
 
+_WORD_PIXELS = 8
+_UNIFORM_WORDS = (0, 0x0101010101010101)  # 8 bool pixels read as one little-endian uint64
+_DENSE_CHANGES = 32
+"""Above one changing word in this many, :func:`_change_points` compares every pixel instead."""
+_DENSITY_SAMPLE_STRIDE = 61
+"""Every 61st word boundary is checked first, to take the per-pixel path without a word pass."""
+
+
+def _change_points_per_pixel(values: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(values[1:] != values[:-1]) + 1
+
+
+def _change_points(values: np.ndarray) -> np.ndarray:
+    """Sorted positions ``p`` (``(C,) int64``, 1 <= p < n) where a contiguous 1-D bool array of
+    n pixels changes value: ``values[p] != values[p - 1]``.
+
+    Masks are mostly long runs, so the pixels are first compared 8 at a time as uint64 words: a
+    change can only lie in a word that differs from the word before it (at its first pixel or
+    inside), or inside a word that is not uniform (all 0 or all 1). A non-uniform word equal to its
+    predecessor heads nothing new but repeats the changes of the run of equal words it belongs to,
+    so those runs are expanded. Only the candidate words are then compared pixel by pixel, by
+    shifting and XOR-ing the words themselves. About 4x less memory traffic than comparing every
+    pixel; speckled masks (many changing words) take the per-pixel path.
+    """
+    full = values.size // _WORD_PIXELS * _WORD_PIXELS
+    if full < 2 * _WORD_PIXELS:
+        return _change_points_per_pixel(values)
+    words = values[:full].view("<u8")
+    sampled = words[:-1:_DENSITY_SAMPLE_STRIDE] != words[1::_DENSITY_SAMPLE_STRIDE]
+    if np.count_nonzero(sampled) * _DENSE_CHANGES > sampled.size:  # dense: skip the word pass
+        return _change_points_per_pixel(values)
+    run_starts = np.flatnonzero(words[1:] != words[:-1]) + 1
+    if run_starts.size * _DENSE_CHANGES > words.size:
+        return _change_points_per_pixel(values)
+    run_starts = np.concatenate(([0], run_starts))
+    run_words = words[run_starts]
+    uniform = (run_words == _UNIFORM_WORDS[0]) | (run_words == _UNIFORM_WORDS[1])
+    run_lengths = np.diff(np.append(run_starts, words.size))
+    repeated = np.flatnonzero(~uniform & (run_lengths > 1))  # runs of equal non-uniform words
+    candidates = run_starts
+    if repeated.size:
+        extra = run_lengths[repeated] - 1
+        offsets = np.arange(int(extra.sum())) - np.repeat(np.cumsum(extra) - extra, extra)
+        more = np.repeat(run_starts[repeated] + 1, extra) + offsets
+        candidates = np.sort(np.concatenate((run_starts, more)), kind="stable")  # two sorted runs
+    # Per candidate word, its pixels XOR the same pixels shifted by one (the previous word's last
+    # pixel in front): byte k is 1 exactly where pixel 8 i + k differs from its predecessor.
+    chosen = words[candidates]
+    previous = words[candidates - 1] >> np.uint64(56)  # candidate 0 wraps to the last word: fixed below
+    if candidates[0] == 0:
+        previous[0] = chosen[0] & np.uint64(1)  # pixel 0 has no predecessor: compared with itself
+    changed = chosen ^ ((chosen << np.uint64(8)) | previous)
+    flat = np.flatnonzero(changed.view(bool))  # (word, byte) as word x 8 + byte
+    points = candidates[flat >> 3] * _WORD_PIXELS + (flat & 7)
+    tail = _change_points_per_pixel(values[full - 1 :]) + (full - 1)
+    return np.concatenate((points, tail)).astype(np.int64, copy=False)
+
+
 def _runs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Run lengths ``(R,) int64`` and run values ``(R,)`` of a non-empty 1-D bool array."""
-    starts = np.flatnonzero(values[1:] != values[:-1]) + 1
-    starts = np.concatenate(([0], starts))
+    """Run lengths ``(R,) int64`` and run values ``(R,)`` of a non-empty contiguous 1-D bool array."""
+    starts = np.concatenate(([0], _change_points(values)))
     lengths = np.diff(np.append(starts, values.size))
     return lengths.astype(np.int64), values[starts]
 
@@ -140,7 +197,7 @@ def rle_encode(mask: np.ndarray) -> list[int]:
     n_words = mask.size * 4
     if n_words > _MAX_WORDS:
         raise ValueError(f"mask: at most {_MAX_WORDS // 4} pixels fit a brush RLE, got {mask.size}")
-    pixel_runs, pixel_values = _runs(mask.reshape(-1))
+    pixel_runs, pixel_values = _runs(np.ascontiguousarray(mask).reshape(-1))
     codes, nbits = _sdk_tokens(pixel_runs * 4, pixel_values.astype(np.uint8) * np.uint8(255))
     header_codes, header_bits = _header_codes(n_words)
     all_codes = np.concatenate((np.asarray(header_codes, dtype=np.int64), codes))

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from label_studio_sdk.converter import brush
 
-from samsem_plugin.brush_rle import decode_words, rle_decode, rle_decode_alpha, rle_encode
+from samsem_plugin.brush_rle import _change_points, decode_words, rle_decode, rle_decode_alpha, rle_encode
 from tests.support import FIXTURES
 
 PROPERTY_SETTINGS = settings(
@@ -83,6 +83,58 @@ def test_encode_matches_sdk_on_a_large_smooth_mask():
     mask = (rows - 350) ** 2 + (cols - 400) ** 2 < 300**2
     mask[100:110, :] ^= True
     assert rle_encode(mask) == sdk_encode(mask)
+
+
+def _changes_reference(values: np.ndarray) -> np.ndarray:
+    return np.array([p for p in range(1, values.size) if values[p] != values[p - 1]], dtype=np.int64)
+
+
+@st.composite
+def run_sequences(draw) -> np.ndarray:
+    """1-D masks made of runs: long uniform stretches, single pixels, and periodic patterns
+    (period 1-16 pixels) long enough to repeat whole 8-pixel words."""
+    pieces, value = [], draw(st.booleans())
+    for _ in range(draw(st.integers(1, 12))):
+        kind = draw(st.sampled_from(["run", "run", "pixel", "periodic"]))
+        if kind == "periodic":
+            period = draw(st.integers(1, 16))
+            pattern = np.array(draw(st.lists(st.booleans(), min_size=period, max_size=period)))
+            pieces.append(np.tile(pattern, draw(st.integers(1, 20))))
+        else:
+            pieces.append(np.full(1 if kind == "pixel" else draw(st.integers(1, 200)), value))
+            value = not value
+    return np.concatenate(pieces)
+
+
+@PROPERTY_SETTINGS
+@given(run_sequences())
+def test_change_points_compare_words_exactly_like_pixels(values):
+    np.testing.assert_array_equal(_change_points(values), _changes_reference(values))
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.zeros(64, bool),
+        np.ones(64, bool),
+        np.tile([True, False], 40),  # every word the same non-uniform word
+        np.tile([True] * 8 + [False] * 8, 6),  # changes exactly on word boundaries
+        np.concatenate((np.zeros(61, bool), [True])),  # change in the tail after the last word
+        np.concatenate((np.zeros(64, bool), [True])),  # change at the first pixel after the words
+        np.concatenate(([True], np.zeros(70, bool))),  # change at pixel 1
+        np.concatenate((np.zeros(24, bool), np.tile([False, True, True, False], 10), np.zeros(9, bool))),
+    ],
+    ids=["zeros", "ones", "alternating", "word-aligned", "tail", "after-words", "first", "repeated-inside"],
+)
+def test_change_points_on_word_edge_cases(values):
+    np.testing.assert_array_equal(_change_points(values), _changes_reference(values))
+
+
+def test_encode_of_non_contiguous_masks_matches_sdk():
+    rows, cols = np.mgrid[:90, :130]
+    mask = ((rows // 7 + cols // 5) % 3 == 0) | ((rows - 45) ** 2 + (cols - 60) ** 2 < 900)
+    for view in (mask.T, mask[::2, ::3], mask[:, 5:], np.asfortranarray(mask)):
+        assert rle_encode(view) == sdk_encode(view)
 
 
 def test_encode_returns_plain_ints_that_serialise():
