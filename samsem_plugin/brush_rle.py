@@ -113,6 +113,13 @@ def _runs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lengths.astype(np.int64), values[starts]
 
 
+_FIELD_BITS = np.asarray(_SDK_RUN_FIELD_SIZES, dtype=np.int64)
+_FULL_TOKEN = (
+    (1 << (2 + 16 + _SDK_WORD_SIZE)) | (3 << (16 + _SDK_WORD_SIZE)) | ((_LONGEST_TOKEN - 1) << _SDK_WORD_SIZE)
+)
+"""A repeat token of 65 536 words with the 16-bit run-length field, before its word value."""
+
+
 def _sdk_tokens(lengths: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Token codes and bit counts for runs of 8-bit words, following the SDK's ``encode_rle``.
 
@@ -123,29 +130,28 @@ def _sdk_tokens(lengths: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np
     Returns:
         ``(codes, nbits)``: ``(T,) int64`` token bit patterns (right-aligned) and their widths.
     """
-    # Runs over 65 536 words become several 16-bit tokens: full ones first, the remainder last.
-    tokens_per_run = np.where(lengths > 256, (lengths - 1) // _LONGEST_TOKEN + 1, 1)
-    run_of_token = np.repeat(np.arange(lengths.size), tokens_per_run)
-    first_token = np.cumsum(tokens_per_run) - tokens_per_run
-    is_last = np.arange(run_of_token.size) - first_token[run_of_token] == tokens_per_run[run_of_token] - 1
-    run_length = lengths[run_of_token]
-    token_length = np.where(
-        is_last, run_length - (tokens_per_run[run_of_token] - 1) * _LONGEST_TOKEN, _LONGEST_TOKEN
-    )
-    value = values[run_of_token].astype(np.int64)
-
     # Size index by the *run* length (a short remainder of a long run still uses the 16-bit field).
-    size_index = np.select([run_length <= 8, run_length <= 16, run_length <= 256], [0, 1, 2], 3)
-    field_bits = np.asarray(_SDK_RUN_FIELD_SIZES, dtype=np.int64)[size_index]
-    is_repeat = (run_length > 1).astype(np.int64)
+    size_index = (lengths > 8).astype(np.int64) + (lengths > 16) + (lengths > 256)
+    field_bits = _FIELD_BITS[size_index]
+    value = values.astype(np.int64)
+    # Runs over 65 536 words become several 16-bit tokens: full ones first, the remainder last.
+    full_tokens = (lengths - 1) >> 16
+    remainder = lengths - (full_tokens << 16)
+    is_repeat = (lengths > 1).astype(np.int64)
     # A single word is a literal token "0 00 000 <word>", which is the same layout.
     codes = (
         (is_repeat << (2 + field_bits + _SDK_WORD_SIZE))
         | (size_index << (field_bits + _SDK_WORD_SIZE))
-        | ((token_length - 1) << _SDK_WORD_SIZE)
+        | ((remainder - 1) << _SDK_WORD_SIZE)
         | value
     )
-    return codes, 3 + field_bits + _SDK_WORD_SIZE
+    nbits = 3 + field_bits + _SDK_WORD_SIZE
+    if full_tokens.any():
+        per_run = full_tokens + 1
+        expanded = np.repeat(_FULL_TOKEN | value, per_run)
+        expanded[np.cumsum(per_run) - 1] = codes  # each run's last token is its remainder
+        return expanded, np.repeat(nbits, per_run)
+    return codes, nbits
 
 
 def _pack_codes(codes: np.ndarray, nbits: np.ndarray) -> np.ndarray:
@@ -159,14 +165,13 @@ def _pack_codes(codes: np.ndarray, nbits: np.ndarray) -> np.ndarray:
     n_bytes = total_bits // 8 + 1
     first_byte = offsets >> 3
     shift = offsets & 7
-    # Place each code in a 40-bit field starting at its first byte: bits [shift, shift + nbits).
-    placed = codes.astype(np.uint64) << (40 - shift - nbits).astype(np.uint64)
-    indices = np.concatenate([first_byte + k for k in range(5)])
-    byte_values = np.concatenate(
-        [((placed >> np.uint64(32 - 8 * k)) & np.uint64(0xFF)).astype(np.float64) for k in range(5)]
-    )
+    # Place each code in a 40-bit field starting at its first byte: bits [shift, shift + nbits);
+    # the field is bytes 3-7 of the code as a big-endian uint64.
+    placed = (codes.astype(np.uint64) << (40 - shift - nbits).astype(np.uint64)).astype(">u8")
+    byte_values = placed.view(np.uint8).reshape(-1, 8)[:, 3:]  # (T, 5)
+    indices = first_byte[:, None] + np.arange(5)
     # Codes never share a bit, so summing the bytes equals OR-ing them (exact in float64).
-    packed = np.bincount(indices, weights=byte_values, minlength=n_bytes + 4)[:n_bytes]
+    packed = np.bincount(indices.ravel(), weights=byte_values.ravel(), minlength=n_bytes + 4)[:n_bytes]
     return packed.astype(np.uint8)
 
 
