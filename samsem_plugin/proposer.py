@@ -231,7 +231,7 @@ class SamProposer:
 
     def _decoder_image_of(self, key: str, embedding: ImageEmbedding) -> DecoderImage:
         """The prompt-independent decoder tensors of the image ``key`` (kept for the last image
-        only: ~40 MiB for ViT-B/L/H; interactive clicks come in runs on one image). Call with the
+        only: ~36 MiB for ViT-B/L/H; interactive clicks come in runs on one image). Call with the
         lock held, under ``inference_mode`` and the model context; under autocast the decoder is
         not factored (its expanded variances need float32)."""
         if self._decoder_image is None or self._decoder_image[0] != key:

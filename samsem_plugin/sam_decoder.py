@@ -171,9 +171,11 @@ class _FactoredImage:
             ``B1c . (beta0 + bo1)``.
         kf, vf, pe_kf: the final attention's ``B2 W`` keys / values and ``PE W + b`` keys, split;
             B2 = ``B1c diag(gamma1)``.
-        upscale: ``(N, 4 mid)`` B2 times the first upscaling convolution as a per-token matrix.
+        upscale: ``(N, 4 mid)`` B2 times the first upscaling convolution as a per-token matrix, or
+            None unless :data:`FACTORED_UPSCALING` was on when the image was prepared (which then
+            decides how its prompts are upscaled).
 
-    For ViT-B/L/H (N = 4096, C = 256): eleven (N, 128) and one (N, 256) float32, ~26 MiB.
+    For ViT-B/L/H (N = 4096, C = 256): eleven (N, 128) float32, ~22 MiB (+ 4 MiB ``upscale``).
     """
 
     norm0: torch.Tensor
@@ -192,7 +194,7 @@ class _FactoredImage:
     kf: torch.Tensor
     vf: torch.Tensor
     pe_kf: torch.Tensor
-    upscale: torch.Tensor
+    upscale: torch.Tensor | None
 
     @staticmethod
     def of(decoder: MaskDecoder, keys: torch.Tensor, key_pe: torch.Tensor) -> _FactoredImage:
@@ -227,7 +229,7 @@ class _FactoredImage:
             kf=split(base2 @ final.k_proj.weight.T, final),
             vf=split(base2 @ final.v_proj.weight.T, final),
             pe_kf=split(final.k_proj(key_pe), final),
-            upscale=base2 @ _first_upscaling_weight(decoder),
+            upscale=base2 @ _first_upscaling_weight(decoder) if FACTORED_UPSCALING else None,
         )
 
 
@@ -244,7 +246,7 @@ class DecoderImage:
         factored: the per-image tensors of the factored decoder, or None (another decoder design,
             or autocast: the expanded variances need float32).
 
-    ViT-B/L/H: 14 MiB plus 26 MiB factored.
+    ViT-B/L/H: 14 MiB plus 22 MiB factored.
     """
 
     keys: torch.Tensor
@@ -553,7 +555,7 @@ def decode_prompts(
     tokens = torch.cat((output_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse), dim=1)
     if image.factored is not None:
         queries, factored_keys, updates = _factored_transformer(decoder, image, tokens)
-        keys = factored_keys if FACTORED_UPSCALING else updates
+        keys = updates if image.factored.upscale is None else factored_keys
     else:
         queries, keys = _two_way_transformer(decoder, image, tokens)
     levels = range(1, decoder.num_mask_tokens) if multimask else range(1)
