@@ -77,8 +77,8 @@ def run(quick: bool) -> BenchmarkResult:
         f"embed {count} masks: 1 pass+pool vs crops",
         ("backbone pass + pooling", lambda: embedder.embed(image, masks)),
         ("encode each crop", lambda: baseline.encode(image, masks)),
-        repeats=2 if quick else 3,
-        baseline_repeats=1,
+        repeats=2 if quick else 5,
+        baseline_repeats=1 if quick else 2,
         warmup=0,
         target_ratio=None if quick else TARGET,
     )

@@ -58,7 +58,7 @@ FRACTION_TARGET = 60.0
 SAM_INPUT = 1024
 PHOTO_CROPS = 48
 EMBED_MASKS = 100
-ENCODER_PASSES = 5
+ENCODER_PASSES = 7
 """Interleaved rounds in the full run: each probes the sustained ceiling, then times a pass."""
 STOCK_ENCODER_PASSES = 2
 SUSTAINED_SHAPES = ((2048, 2048, 2048), (4096, 768, 3072))
