@@ -33,7 +33,6 @@ import base64
 import binascii
 import hashlib
 import io
-import ipaddress
 import json
 import logging
 import socket
@@ -50,6 +49,7 @@ import requests
 import urllib3
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from backend.public_peer import is_public_address, non_public_peer, public_peer_session
 from samsem_plugin.cache import ByteLRUCache
 
 logger = logging.getLogger(__name__)
@@ -248,20 +248,15 @@ class LabelStudioAuth:
 # Host policy (no SSRF through task data)
 
 
-def _is_public_address(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
-
-
 class HostPolicy:
     """Which hosts plain ``http(s)`` image URLs may point at (Label Studio's origin is exempt).
 
     ``allowed_hosts`` entries (lower case): ``"host"`` (any port), ``"host:port"``,
     ``"*.domain"`` (any sub-domain), ``"*"`` (any host). A host resolving to any non-public
     address (private, loopback, link-local, reserved, multicast) is refused unless
-    ``allow_private_hosts``.
+    ``allow_private_hosts``; the download of a checked URL then connects through
+    :func:`~backend.public_peer.public_peer_session`, which refuses a non-public peer again on the
+    connected socket (DNS rebinding).
     """
 
     def __init__(self, allowed_hosts: Iterable[str] = (), allow_private_hosts: bool = False) -> None:
@@ -297,7 +292,7 @@ class HostPolicy:
             infos = socket.getaddrinfo(host.strip("[]"), port, proto=socket.IPPROTO_TCP)
         except OSError:
             raise ImageFetchError(shown_url, f"cannot resolve host {host!r}") from None
-        private = sorted({info[4][0] for info in infos if not _is_public_address(info[4][0])})
+        private = sorted({info[4][0] for info in infos if not is_public_address(info[4][0])})
         if private:
             raise ImageFetchError(
                 shown_url,
@@ -629,16 +624,23 @@ class ImageFetcher:
 
     # ------------------------------------------------------------------ HTTP
 
-    def _session(self) -> requests.Session:
-        session = getattr(self._sessions, "session", None)
+    def _session(self, public_peer: bool = False) -> requests.Session:
+        """This thread's session; ``public_peer``: the one that refuses non-public peers."""
+        name = "public_peer_session" if public_peer else "session"
+        session = getattr(self._sessions, name, None)
         if session is None:
-            session = requests.Session()
-            self._sessions.session = session
+            session = public_peer_session() if public_peer else requests.Session()
+            setattr(self._sessions, name, session)
         return session
 
-    def _get(self, url: str, shown_url: str, *, stream: bool, with_auth: bool) -> requests.Response:
+    def _get(
+        self, url: str, shown_url: str, *, stream: bool, with_auth: bool, checked: bool = False
+    ) -> requests.Response:
+        """One GET; ``checked``: ``url`` passed the host policy, so (unless private hosts are
+        allowed) the connection must reach a public address too."""
+        public_peer = checked and not self.policy.allow_private_hosts
         try:
-            return self._session().get(
+            return self._session(public_peer).get(
                 url,
                 headers=self.auth.headers_for(url) if with_auth else {},
                 timeout=(self.timeout, self.timeout),
@@ -647,23 +649,33 @@ class ImageFetcher:
             )
         except requests.Timeout:
             raise ImageFetchError(shown_url, f"timed out after {self.timeout:g} s") from None
-        except requests.ConnectionError:
-            raise ImageFetchError(shown_url, f"cannot connect to {origin_of(url)[1]!r}") from None
+        except requests.ConnectionError as error:
+            host = origin_of(url)[1]
+            address = non_public_peer(error)
+            if address is not None:
+                raise ImageFetchError(
+                    shown_url,
+                    f"host {host!r} connected to the non-public address {address} although it "
+                    "resolved to a public one (DNS answer changed); set ALLOW_PRIVATE_IMAGE_HOSTS=true "
+                    "to allow private addresses",
+                    http_status=HTTP_UNPROCESSABLE,
+                ) from None
+            raise ImageFetchError(shown_url, f"cannot connect to {host!r}") from None
         except requests.RequestException as error:
             raise ImageFetchError(
                 shown_url, f"request failed ({type(error).__name__})", http_status=HTTP_BAD_REQUEST
             ) from None
 
     def _get_with_auth_retry(
-        self, url: str, shown_url: str, *, stream: bool, with_auth: bool = True
+        self, url: str, shown_url: str, *, stream: bool, with_auth: bool = True, checked: bool = False
     ) -> requests.Response:
         """GET; when Label Studio answers 401 to a refreshable token, refresh once and retry."""
-        response = self._get(url, shown_url, stream=stream, with_auth=with_auth)
+        response = self._get(url, shown_url, stream=stream, with_auth=with_auth, checked=checked)
         if response.status_code == 401 and with_auth and self.auth.can_refresh and self.auth.owns(url):
             response.close()
             logger.info("Label Studio answered 401: refreshing the access token once")
             self.auth.refresh()
-            response = self._get(url, shown_url, stream=stream, with_auth=with_auth)
+            response = self._get(url, shown_url, stream=stream, with_auth=with_auth, checked=checked)
         return response
 
     def _download(self, url: str, shown_url: str) -> bytes:
@@ -675,15 +687,19 @@ class ImageFetcher:
         """
         deadline = time.monotonic() + self.timeout
         chain_is_label_studio = True
+        checked = not self.auth.owns(url)  # the caller ran the host policy on a foreign URL
         for _ in range(MAX_REDIRECTS + 1):
             on_label_studio = self.auth.owns(url)
             with_auth = on_label_studio and chain_is_label_studio
-            response = self._get_with_auth_retry(url, shown_url, stream=True, with_auth=with_auth)
+            response = self._get_with_auth_retry(
+                url, shown_url, stream=True, with_auth=with_auth, checked=checked
+            )
             with response:
                 if response.is_redirect:
                     target = urljoin(url, response.headers["Location"])
                     self._check_redirect(target, shown_url, response.status_code, from_label_studio=with_auth)
                     chain_is_label_studio = with_auth
+                    checked = not with_auth  # _check_redirect ran the host policy on the target
                     url = target
                     continue
                 if response.status_code != 200:

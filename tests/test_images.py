@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import socket
 import struct
 import time
 import zlib
@@ -12,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from PIL import Image
 
+from backend import images
 from backend.images import ImageFetcher, ImageFetchError, LabelStudioAuth, decode_image, redact_url
 from tests.support.http_server import LoopbackHTTPServer, RecordedRequest, Response
 
@@ -361,6 +364,47 @@ def test_listed_host_resolving_to_a_private_address_is_refused_unless_allowed(se
     image = fetcher_for(server, allowed_hosts=["localhost"], allow_private_hosts=True).fetch(url)
     np.testing.assert_array_equal(image, IMAGE)
     assert other_server.requests[0].header("Authorization") is None  # not Label Studio's origin
+
+
+def rebinding_resolver(monkeypatch, name: str, public: str = "93.184.216.34") -> list[str]:
+    """Resolve ``name`` to a public address the first time, to 127.0.0.1 afterwards (DNS
+    rebinding); other names resolve normally. Returns the answers given, in order."""
+    real = socket.getaddrinfo
+    answers: list[str] = []
+
+    def resolve(host, port, *args, **kwargs):
+        if host != name:
+            return real(host, port, *args, **kwargs)
+        address = public if not answers else "127.0.0.1"
+        answers.append(address)
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    return answers
+
+
+def test_a_host_whose_dns_answer_turns_private_after_the_check_is_refused_before_a_request(
+    server, other_server, monkeypatch
+):
+    other_server.routes["/a.png"] = Response(body=IMAGE_PNG)
+    answers = rebinding_resolver(monkeypatch, "rebind.test")
+    url = f"http://rebind.test:{other_server.port}/a.png"
+    with pytest.raises(ImageFetchError, match="DNS answer changed") as caught:
+        fetcher_for(server, allowed_hosts=["rebind.test"]).fetch(url)
+    assert caught.value.http_status == 422
+    assert answers[0] == "93.184.216.34" and "127.0.0.1" in answers[1:], answers  # checked, then connected
+    assert other_server.requests == [], "no byte of the request reached the internal address"
+
+
+def test_without_the_connection_guard_a_rebinding_host_would_reach_the_internal_address(
+    server, other_server, monkeypatch
+):
+    other_server.routes["/a.png"] = Response(body=IMAGE_PNG)
+    rebinding_resolver(monkeypatch, "rebind.test")
+    monkeypatch.setattr(images, "public_peer_session", requests.Session)  # the host policy alone
+    url = f"http://rebind.test:{other_server.port}/a.png"
+    np.testing.assert_array_equal(fetcher_for(server, allowed_hosts=["rebind.test"]).fetch(url), IMAGE)
+    assert len(other_server.requests) == 1
 
 
 def test_label_studio_host_is_exempt_from_the_private_address_rule(server):
