@@ -11,7 +11,9 @@ in the request); :class:`LearningHandler` runs them in the background queue:
 * ``ANNOTATIONS_DELETED`` (plural, Label Studio's real action) and ``ANNOTATION_DELETED`` → job
   ``"delete"``: the annotations' exemplars are removed.
 * ``START_TRAINING`` → job ``"train"``: every annotated task of the project is read through the
-  Label Studio API (paged, progress logged) and the memory is replaced atomically at the end.
+  Label Studio API (paged, progress logged) and the memory is replaced atomically at the end,
+  except annotations that webhooks wrote while it was reading (another worker) and that are newer
+  than what it read: those stay as written, and a deletion is never undone.
 * anything else → no job (acknowledged as ``"ignored"``).
 
 Idempotence and ordering: every change is written to the store *versioned* by the annotation's
@@ -318,6 +320,8 @@ class LearningHandler:
                 "project's annotations from Label Studio"
             )
         started = time.monotonic()
+        memory = self.runtime.memory(project)
+        states_before = memory.annotation_states()  # what webhooks write meanwhile is kept if newer
         collected: dict[tuple[str, str], list[Exemplar]] = {}
         states: dict[str, Any] = {}
         tasks_seen = 0
@@ -332,7 +336,7 @@ class LearningHandler:
             if tasks_seen % self.progress_every == 0:
                 logger.info("project %s training: %d annotated tasks read so far", project, tasks_seen)
         versions = {annotation_id: store_version(updated_at) for annotation_id, updated_at in states.items()}
-        changed = self.runtime.memory(project).replace_all(collected, updated_at=versions)
+        changed = memory.replace_all(collected, updated_at=versions, states_before=states_before)
         for annotation_id, updated_at in states.items():
             self._mark(project, annotation_id, updated_at)
         count = sum(len(exemplars) for exemplars in collected.values())

@@ -33,7 +33,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from samsem_plugin.classifier import ClassifierSettings, FittedClassifier
-    from samsem_plugin.store import ExemplarStore
+    from samsem_plugin.store import AnnotationState, ExemplarStore
 
 POSITIVE = "positive"
 NEGATIVE = "negative"
@@ -270,9 +270,20 @@ class ExemplarMemory:
         self,
         exemplars_by_annotation: Mapping[tuple[str, str], Sequence[Exemplar]],
         updated_at: Mapping[str, str | datetime] | None = None,
+        states_before: Mapping[str, AnnotationState] | None = None,
     ) -> bool:
-        """Rebuild the whole memory from ``{(task, annotation): exemplars}``; True iff changed."""
-        return self.store.replace_project(self.project, self.space, exemplars_by_annotation, updated_at)
+        """Rebuild the whole memory from ``{(task, annotation): exemplars}``; True iff changed.
+
+        ``states_before``: :meth:`annotation_states` taken before the mapping was collected;
+        annotations written since then (concurrently) are kept unless the mapping is newer
+        (:meth:`~samsem_plugin.store.ExemplarStore.replace_project`)."""
+        return self.store.replace_project(
+            self.project, self.space, exemplars_by_annotation, updated_at, states_before
+        )
+
+    def annotation_states(self) -> dict[str, AnnotationState]:
+        """``{annotation: (updated_at, removed)}`` as stored now."""
+        return self.store.annotation_states(self.project, self.space)
 
     # -- reads -------------------------------------------------------------------------------
 

@@ -68,6 +68,8 @@ CREATE TABLE IF NOT EXISTS meta (
 
 _Row = tuple[str, str, str, str | None, str, bytes]
 """``(task, annotation, region, label, kind, vector blob)``."""
+AnnotationState = tuple[str | None, bool]
+"""``(updated_at, removed)`` of an annotation: its last applied version and whether it is gone."""
 
 
 class MemoryFullError(ValueError):
@@ -364,35 +366,53 @@ class ExemplarStore:
         space: str,
         exemplars_by_annotation: Mapping[tuple[str, str], Sequence[Exemplar]],
         updated_at: Mapping[str, str | datetime] | None = None,
+        states_before: Mapping[str, AnnotationState] | None = None,
     ) -> bool:
         """Atomically rebuild the whole memory from ``{(task, annotation): exemplars}``.
 
         Annotations absent from the mapping are removed (and, like :meth:`remove_annotation`,
         remembered as gone); those present count as current (un-removed), with their
         ``updated_at[annotation]`` when given. Returns True iff the content changed.
+
+        ``states_before``: :meth:`annotation_states` read before the mapping was collected (a
+        rebuild reading Label Studio for a while). An annotation whose state changed since then
+        was written concurrently (another worker's webhook) and is kept as stored, unless the
+        mapping's version of it is newer; a deletion is never undone. Without it, the mapping
+        replaces everything.
         """
-        new: list[_Row] = []
-        for (task, annotation), exemplars in exemplars_by_annotation.items():
-            new.extend(_rows_of(exemplars, task, annotation))
         annotations = [annotation for _, annotation in exemplars_by_annotation]
         if len(set(annotations)) != len(annotations):
             raise ValueError("exemplars_by_annotation: an annotation id appears under two tasks")
         versions = {a: normalise_timestamp(t) for a, t in (updated_at or {}).items()}
         with self._transaction(write=True) as connection:
-            stored = {
-                row[0]
-                for row in connection.execute(
-                    "SELECT DISTINCT annotation FROM exemplars WHERE project = ? AND space = ?",
-                    (project, space),
-                )
-            }
-            for annotation in stored - set(annotations):
+            kept = set()  # written concurrently and newer than the mapping: left as stored
+            if states_before is not None:
+                in_mapping = set(annotations)
+                for annotation, state in self._states_in(connection, project, space).items():
+                    if states_before.get(annotation) == state:
+                        continue  # untouched since the rebuild began: the mapping decides
+                    stored_version, removed = state
+                    deleted = removed and stored_version is None
+                    if (
+                        annotation not in in_mapping
+                        or deleted
+                        or _is_stale(versions.get(annotation), stored_version, removed)
+                    ):
+                        kept.add(annotation)
+            new: list[_Row] = []
+            for (task, annotation), exemplars in exemplars_by_annotation.items():
+                if annotation not in kept:
+                    new.extend(_rows_of(exemplars, task, annotation))
+            old = self._select_rows(connection, "project = ? AND space = ?", (project, space))
+            new.extend(row for row in old if row[1] in kept)
+            stored = {row[1] for row in old}
+            for annotation in stored - set(annotations) - kept:
                 self._set_state(connection, project, space, annotation, None, removed=True)
             for annotation in annotations:
-                self._set_state(
-                    connection, project, space, annotation, versions.get(annotation), removed=False
-                )
-            old = self._select_rows(connection, "project = ? AND space = ?", (project, space))
+                if annotation not in kept:
+                    self._set_state(
+                        connection, project, space, annotation, versions.get(annotation), removed=False
+                    )
             if _same_content(old, new):
                 return False
             self._check_fits(connection, project, space, None, new)
@@ -400,6 +420,19 @@ class ExemplarStore:
             self._insert(connection, project, space, new)
             self._bump_revision(connection, project, space)
             return True
+
+    def annotation_states(self, project: str, space: str) -> dict[str, AnnotationState]:
+        """``{annotation: (updated_at, removed)}`` of every annotation ever seen in ``(project, space)``."""
+        with self._transaction(write=False) as connection:
+            return self._states_in(connection, project, space)
+
+    @staticmethod
+    def _states_in(connection: sqlite3.Connection, project: str, space: str) -> dict[str, AnnotationState]:
+        rows = connection.execute(
+            "SELECT annotation, updated_at, removed FROM annotation_state WHERE project = ? AND space = ?",
+            (project, space),
+        )
+        return {row[0]: (row[1], bool(row[2])) for row in rows}
 
     # -- reads -------------------------------------------------------------------------------
 

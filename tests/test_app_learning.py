@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from backend.learning import parse_webhook
 from samsem_plugin.brush_rle import rle_encode
 from tests.conftest import IMAGE_SIZE, load_fixture, scene_image
 from tests.support.http_server import Response
@@ -279,6 +280,28 @@ def test_start_training_rebuilds_the_memory_from_label_studio(learner, label_stu
     assert runtime.queue.failed == 0
     assert exemplars(client) == {"Cat": 2.0, "Dog": 1.0}, "annotation 99 (not in Label Studio) is gone"
     assert len(label_studio.requests_to("/api/tasks/")) == reads_before + 2, "two pages read"
+
+
+def test_start_training_keeps_an_annotation_another_worker_learnt_while_it_was_reading(learner, label_studio):
+    client, runtime = learner
+    cat = brush("c", "Cat", disc_mask())
+    task_one = {"id": 1, "data": {"image": TASK_IMAGES[1]}}
+    old = {"id": 30, "task": 1, "result": [cat], "was_cancelled": False, "updated_at": at(40)}
+    concurrent = annotation_event("ANNOTATION_CREATED", 77, 2, [brush("d", "Dog", square_mask())], at(50))
+    send(client, runtime, annotation_event("ANNOTATION_CREATED", 30, 1, [cat], at(40)))  # config known
+    other_worker_done = []
+
+    def tasks_page(request):
+        if not other_worker_done:  # another gunicorn worker learns annotation 77 during the read
+            for job in parse_webhook(concurrent).jobs:
+                runtime.learning(job)
+            other_worker_done.append(True)
+        return Response(body=json.dumps({"tasks": [task_one | {"annotations": [old]}], "total": 1}).encode())
+
+    label_studio.add_route("/api/tasks/", tasks_page)
+    send(client, runtime, load_fixture("webhook_start_training") | {"project": {"id": 1}})
+    assert runtime.queue.failed == 0 and other_worker_done
+    assert exemplars(client) == {"Cat": 1.0, "Dog": 1.0}, "annotation 77, learnt during the read, is kept"
 
 
 def test_bulk_created_annotations_are_each_learnt(learner):

@@ -122,6 +122,51 @@ def test_a_rebuild_revives_the_annotations_it_holds_and_removes_the_others(store
     assert store.annotation_ids("p", "s") == ["b"]
 
 
+T1, T2, T3 = "2025-01-01T00:00:01Z", "2025-01-01T00:00:02Z", "2025-01-01T00:00:03Z"
+
+
+def _rebuild_racing_webhooks(store: ExemplarStore, with_states_before: bool) -> bool:
+    """A rebuild whose Label Studio read (a, b, c at T1; e at T3) overlaps webhooks of another
+    worker: a updated at T2, b deleted, d created at T2, e updated at T2."""
+    for task, annotation, seed in (("t1", "a", 1), ("t2", "b", 2), ("t3", "c", 3), ("t5", "e", 5)):
+        store.replace_annotation("p", "s", task, annotation, exemplars_of(task, annotation, 1, seed), T1)
+    before = store.annotation_states("p", "s") if with_states_before else None
+    read = {
+        ("t1", "a"): exemplars_of("t1", "a", 1, 1),
+        ("t2", "b"): exemplars_of("t2", "b", 1, 2),
+        ("t3", "c"): exemplars_of("t3", "c", 3, 33),
+        ("t5", "e"): exemplars_of("t5", "e", 2, 55),
+    }
+    store.replace_annotation("p", "s", "t1", "a", exemplars_of("t1", "a", 2, 11), T2)
+    store.remove_annotation("p", "s", "b")
+    store.replace_annotation("p", "s", "t4", "d", exemplars_of("t4", "d", 1, 4), T2)
+    store.replace_annotation("p", "s", "t5", "e", exemplars_of("t5", "e", 1, 51), T2)
+    versions = {"a": T1, "b": T1, "c": T1, "e": T3}
+    return store.replace_project("p", "s", read, versions, states_before=before)
+
+
+def _exemplars_per_annotation(store: ExemplarStore) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for _, annotation, _ in store.snapshot("p", "s").keys:
+        counts[annotation] = counts.get(annotation, 0) + 1
+    return counts
+
+
+def test_a_rebuild_keeps_what_webhooks_wrote_while_it_was_reading(store):
+    assert _rebuild_racing_webhooks(store, with_states_before=True) is True
+    # a: the webhook's T2 version (2 exemplars) beats the read T1; b: stays deleted; c: as read;
+    # d: created meanwhile, kept; e: the read T3 version (2 exemplars) beats the webhook's T2
+    assert _exemplars_per_annotation(store) == {"a": 2, "c": 3, "d": 1, "e": 2}
+    states = store.annotation_states("p", "s")
+    assert states["a"][0] == normalise_timestamp(T2) and states["e"][0] == normalise_timestamp(T3)
+    assert states["b"] == (None, True) and states["d"][0] == normalise_timestamp(T2)
+
+
+def test_without_the_states_before_a_rebuild_would_undo_concurrent_webhooks(store):
+    _rebuild_racing_webhooks(store, with_states_before=False)
+    assert _exemplars_per_annotation(store) == {"a": 1, "b": 1, "c": 3, "e": 2}  # d lost, b revived
+
+
 def test_timestamps_normalise_to_utc_text_in_time_order():
     assert normalise_timestamp("2025-03-01T13:00:00+01:00") == normalise_timestamp("2025-03-01T12:00:00Z")
     assert normalise_timestamp(datetime(2025, 3, 1, 12)) == "2025-03-01T12:00:00.000000+00:00"
