@@ -5,6 +5,7 @@ import json
 import pytest
 
 from samsem_plugin import label_config
+from samsem_plugin.cache import ByteLRUCache
 from samsem_plugin.label_config import ControlSpec, parse_label_config
 from tests.support import FIXTURES
 
@@ -126,14 +127,18 @@ def test_non_string_config_is_rejected():
         parse_label_config(FIXTURE_CONFIG.encode())
 
 
-def test_parsed_configs_are_cached_and_the_cache_is_bounded():
+def test_parsed_configs_are_cached_and_the_cache_is_bounded_in_bytes(monkeypatch):
     first = parse_label_config(FIXTURE_CONFIG)
     assert parse_label_config(FIXTURE_CONFIG) is first
+    small = ByteLRUCache(64 << 10, sizeof=lambda entry: entry[0])
+    monkeypatch.setattr(label_config, "_parsed", small)
     template = (
         "<View><Image name='i' value='$x'/>"
         "<BrushLabels name='b{}' toName='i'><Label value='A'/></BrushLabels></View>"
     )
-    for i in range(label_config._CACHE_SIZE + 10):
+    for i in range(400):
         parse_label_config(template.format(i))
-    info = label_config._parse_cached.cache_info()
-    assert info.currsize == info.maxsize == label_config._CACHE_SIZE
+    assert small.nbytes <= 64 << 10 and small.evictions > 0
+    assert len(small) == (64 << 10) // (4 * len(template.format(399)))  # 4 bytes per character
+    newest = parse_label_config(template.format(399))
+    assert parse_label_config(template.format(399)) is newest and small.hits >= 1
