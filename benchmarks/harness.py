@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
+from backend.native_environment import NATIVE_DEFAULTS
+
 
 @dataclass
 class Timing:
@@ -297,9 +299,7 @@ def machine_facts() -> dict[str, Any]:
         facts["cpu_model"] = model
     except OSError:
         facts["cpu_flags"] = []
-    facts["environment"] = {
-        name: os.environ.get(name, "unset") for name in ("MALLOC_ARENA_MAX", "OPENBLAS_NUM_THREADS")
-    }
+    facts["environment"] = {name: os.environ.get(name, "unset") for name in NATIVE_DEFAULTS}
     facts["load_average"] = load_average()
     return facts
 

@@ -95,10 +95,9 @@ def _change_points(values: np.ndarray) -> np.ndarray:
         candidates = np.sort(np.concatenate((run_starts, more)), kind="stable")  # two sorted runs
     # Per candidate word, its pixels XOR the same pixels shifted by one (the previous word's last
     # pixel in front): byte k is 1 exactly where pixel 8 i + k differs from its predecessor.
-    chosen = words[candidates]
-    previous = words[candidates - 1] >> np.uint64(56)  # candidate 0 wraps to the last word: fixed below
-    if candidates[0] == 0:
-        previous[0] = chosen[0] & np.uint64(1)  # pixel 0 has no predecessor: compared with itself
+    chosen = words[candidates]  # candidates[0] is word 0 (every run list starts there)
+    previous = words[candidates - 1] >> np.uint64(56)  # word 0 wraps to the last word: replaced
+    previous[0] = chosen[0] & np.uint64(1)  # pixel 0 has no predecessor: compared with itself
     changed = chosen ^ ((chosen << np.uint64(8)) | previous)
     flat = np.flatnonzero(changed.view(bool))  # (word, byte) as word x 8 + byte
     points = candidates[flat >> 3] * _WORD_PIXELS + (flat & 7)
@@ -135,8 +134,8 @@ def _sdk_tokens(lengths: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np
     field_bits = _FIELD_BITS[size_index]
     value = values.astype(np.int64)
     # Runs over 65 536 words become several 16-bit tokens: full ones first, the remainder last.
-    full_tokens = (lengths - 1) >> 16
-    remainder = lengths - (full_tokens << 16)
+    full_tokens = (lengths - 1) // _LONGEST_TOKEN
+    remainder = lengths - full_tokens * _LONGEST_TOKEN
     is_repeat = (lengths > 1).astype(np.int64)
     # A single word is a literal token "0 00 000 <word>", which is the same layout.
     codes = (

@@ -381,13 +381,13 @@ class ExemplarStore:
         replaces everything.
         """
         annotations = [annotation for _, annotation in exemplars_by_annotation]
-        if len(set(annotations)) != len(annotations):
+        in_mapping = set(annotations)
+        if len(in_mapping) != len(annotations):
             raise ValueError("exemplars_by_annotation: an annotation id appears under two tasks")
         versions = {a: normalise_timestamp(t) for a, t in (updated_at or {}).items()}
         with self._transaction(write=True) as connection:
             kept = set()  # written concurrently and newer than the mapping: left as stored
             if states_before is not None:
-                in_mapping = set(annotations)
                 for annotation, state in self._states_in(connection, project, space).items():
                     if states_before.get(annotation) == state:
                         continue  # untouched since the rebuild began: the mapping decides
@@ -406,7 +406,7 @@ class ExemplarStore:
             old = self._select_rows(connection, "project = ? AND space = ?", (project, space))
             new.extend(row for row in old if row[1] in kept)
             stored = {row[1] for row in old}
-            for annotation in stored - set(annotations) - kept:
+            for annotation in stored - in_mapping - kept:
                 self._set_state(connection, project, space, annotation, None, removed=True)
             for annotation in annotations:
                 if annotation not in kept:
