@@ -9,9 +9,10 @@ Routes (the contract is ``docs``/LABEL_STUDIO.md):
 * ``POST /predict`` → ``{"results": [prediction, …]}``:
 
   - batch (``params.context`` null or without ``result``): exactly one prediction per task, in
-    task order. Every output control of the config (Brush → RLE, Polygon → polygon, Rectangle →
-    box) gets every region, labelled only with that control's labels (a label the control lacks
-    → the region is written unlabelled there). A task whose image cannot be read gets an empty
+    task order. Every output control of the config that is not smart (Brush → RLE, Polygon →
+    polygon, Rectangle → box; the smart ones when all are smart: ``ProjectConfig.region_controls``)
+    gets every region, labelled only with that control's labels (a label the control lacks → the
+    region is written unlabelled there). A task whose image cannot be read gets an empty
     prediction (reason logged and counted), never a failure of the whole batch.
   - interactive (``params.context.result`` with smart keypoints / rectangles): exactly one
     prediction holding one region, written to ONE control: the Brush control if the config has
@@ -370,7 +371,7 @@ def _predict_batch(
         return []
     pipeline = runtime.pipeline  # builds the models on first use (503 if impossible)
     classifier = runtime.classifier(project)
-    allowed = sorted({label for control in config.output_controls for label in control.labels})
+    allowed = sorted({label for control in config.region_controls for label in control.labels})
     predictions = []
     for task in tasks:
         task_id = _task_id(task)
@@ -380,7 +381,7 @@ def _predict_batch(
                 pipeline.warm(image)
             regions = pipeline.predict_auto(image, classifier, allowed)
             with runtime.metrics.observe_stage("encode"):
-                results = results_for_controls(regions, config.output_controls, f"t{task_id}-")
+                results = results_for_controls(regions, config.region_controls, f"t{task_id}-")
         except (TaskDataError, ImageFetchError) as error:
             logger.warning("project %s task %s: empty prediction: %s", project, task_id, shorten(str(error)))
             runtime.count_task_failure(type(error).__name__)

@@ -467,5 +467,4 @@ def check_result_sizes(results: Sequence[Any], max_pixels: int) -> None:
 
 def learnable_controls(config: ProjectConfig) -> set[str]:
     """Names of the output controls whose regions are learnt (see module docstring)."""
-    plain = {control.name for control in config.output_controls if not control.smart}
-    return plain or {control.name for control in config.output_controls}
+    return {control.name for control in config.region_controls}

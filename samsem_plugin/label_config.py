@@ -86,6 +86,15 @@ class ProjectConfig:
     smart_controls: tuple[ControlSpec, ...]
     image_keys: tuple[str, ...]
 
+    @property
+    def region_controls(self) -> tuple[ControlSpec, ...]:
+        """The output controls batch pre-annotation writes to and learning reads: those that are not
+        smart, or every output control when all are smart. A smart rectangle next to a brush is a
+        prompt for SAM (writing each mask there too would double every object); alone, it is where
+        the annotation is drawn."""
+        plain = tuple(control for control in self.output_controls if not control.smart)
+        return plain or self.output_controls
+
     def labels_of(self, control_name: str) -> tuple[str, ...]:
         """Labels of the control named ``control_name``; ValueError if there is none."""
         for control in self.controls:

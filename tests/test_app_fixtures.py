@@ -87,9 +87,23 @@ def test_batch_fixtures_answer_one_valid_prediction_per_task_in_order(make_clien
         masks = check_prediction(prediction, body["label_config"], task["id"])
         assert masks, "brush regions are proposed"
         controls = {region["from_name"] for region in prediction["result"]}
-        assert controls == {"brush", "poly", "rect"}, "every output control gets the regions"
+        assert controls == {"brush", "poly"}, "every output control but the smart rectangle gets the regions"
         labels = [region["value"][region["type"]] for region in prediction["result"]]
         assert all(value == [] for value in labels), "an empty memory never invents a class"
+
+
+def test_batch_writes_to_a_smart_rectangle_when_it_is_the_only_output(make_client):
+    client, _ = make_client()
+    body = load_fixture("predict_batch_1")
+    body["label_config"] = """<View><Image name="image" value="$image"/>
+      <RectangleLabels name="rect" toName="image" smart="true"><Label value="Cat"/></RectangleLabels>
+    </View>"""
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200, response.get_json()
+    for task, prediction in zip(body["tasks"], response.get_json()["results"], strict=True):
+        check_prediction(prediction, body["label_config"], task["id"])
+        assert prediction["result"], "boxes are proposed"
+        assert {(r["from_name"], r["type"]) for r in prediction["result"]} == {("rect", "rectanglelabels")}
 
 
 def test_batch_predict_with_reversed_tasks_reverses_the_predictions(make_client):

@@ -76,6 +76,15 @@ def test_labels_pair_only_with_tools_on_the_same_image():
     assert [(c.name, c.type, c.to_name) for c in config.output_controls] == [("tag", "PolygonLabels", "a")]
 
 
+def test_region_controls_leave_out_smart_prompts_unless_every_output_is_smart():
+    assert [c.name for c in parse_label_config(FIXTURE_CONFIG).region_controls] == ["brush", "poly"]
+    only_smart = """<View><Image name="i" value="$image"/>
+      <RectangleLabels name="r" toName="i" smart="true"><Label value="X"/></RectangleLabels>
+      <KeyPointLabels name="k" toName="i" smart="true"><Label value="X"/></KeyPointLabels>
+    </View>"""
+    assert [c.name for c in parse_label_config(only_smart).region_controls] == ["r"]
+
+
 def test_smart_only_and_several_images():
     xml = """<View>
       <Image name="a" value="$first"/><Image name="b" value="$second"/>
