@@ -331,6 +331,7 @@ def _rel_pos_attention(
     rel_h: torch.Tensor,
     rel_w: torch.Tensor,
     out: torch.Tensor,
+    workspace: _Workspace | None = None,
 ) -> torch.Tensor:
     """Softmax attention with SAM's decomposed relative-position bias, chunked, written into ``out``.
 
@@ -341,6 +342,9 @@ def _rel_pos_attention(
             towards each key column. The bias of query n to key (i, j) is
             ``rel_h[b, g, n, i] + rel_w[b, g, n, j]``.
         out: ``(B, heads, N, C)`` result (any strides), ``softmax(q k^T / sqrt(C) + bias) v``.
+        workspace: where the bias chunk buffer (up to :data:`ATTENTION_BIAS_ELEMENTS` elements)
+            comes from; a fresh buffer of that size is a fresh ``mmap`` whose first touch costs
+            about twice the bias sums themselves.
 
     Returns:
         ``out``.
@@ -355,7 +359,8 @@ def _rel_pos_attention(
         batch_step, head_step, query_step = 1, budget // per_head, tokens
     else:  # a chunk of queries of one head (global blocks)
         batch_step, head_step, query_step = 1, 1, max(1, budget // tokens)
-    buffer = q.new_empty(min(batch_step, batch) * min(head_step, heads) * query_step * tokens)
+    size = min(batch_step, batch) * min(head_step, heads) * query_step * tokens
+    buffer = q.new_empty(size) if workspace is None else workspace.get("attention_bias", (size,), q)
     for b0 in range(0, batch, batch_step):
         b1 = min(b0 + batch_step, batch)
         for h0 in range(0, heads, head_step):
@@ -392,10 +397,13 @@ class FusedAttention(Attention):
             cached = self.__dict__["_rel_pos_cache"] = (key, tables)
         return cached[1]
 
-    def attend(self, qkv: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def attend(
+        self, qkv: torch.Tensor, out: torch.Tensor | None = None, workspace: _Workspace | None = None
+    ) -> torch.Tensor:
         """Attention of ``(B, h, w, 3 x dim)`` contiguous qkv projections (q, k, v heads along the
         last dimension, as ``self.qkv`` makes them) → ``(B, h, w, dim)`` contiguous, before ``proj``
-        (written into ``out`` if given: ``B x h x w x dim`` elements, contiguous)."""
+        (written into ``out`` if given: ``B x h x w x dim`` elements, contiguous; the bias buffer
+        taken from ``workspace`` if given)."""
         batch, rows, cols, _ = qkv.shape
         tokens = rows * cols
         q, k, v = qkv.view(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
@@ -414,6 +422,7 @@ class FusedAttention(Attention):
                 rel_h.reshape(batch, self.num_heads, tokens, rows).to(q.dtype),
                 rel_w.reshape(batch, self.num_heads, tokens, cols).to(q.dtype),
                 heads_out,
+                workspace,
             )
         else:
             heads_out.copy_(F.scaled_dot_product_attention(q, k, v))
@@ -568,12 +577,12 @@ class FusedBlock(Block):
             windows = _partition(
                 qkv, window, attn.qkv.bias, workspace.get("windows", (padded, 3 * dim), like)
             )
-            heads_out = attn.attend(windows, workspace.get("attention", (padded, dim), like))
+            heads_out = attn.attend(windows, workspace.get("attention", (padded, dim), like), workspace)
             out = _unpartition(
                 heads_out, window, rows, cols, workspace.get("attention_grid", (count, dim), like)
             )
         else:
-            out = attn.attend(qkv, workspace.get("attention", (count, dim), like))
+            out = attn.attend(qkv, workspace.get("attention", (count, dim), like), workspace)
         _linear(out.view(count, dim), attn.proj, dtype, tokens, accumulate=True)
 
         normed = self.norm2(tokens).to(dtype)

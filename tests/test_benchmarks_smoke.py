@@ -125,6 +125,30 @@ def test_fused_attention_computes_the_stock_encoder_function(monkeypatch, bias_e
     assert not torch.equal(got, torch.zeros_like(got))
 
 
+def test_the_blocks_of_one_pass_reuse_one_attention_bias_buffer(monkeypatch):
+    """A fresh bias buffer per block is a fresh ``mmap`` of tens of MB on ViT-B (page faults on
+    every pass of every block): the blocks take it from the pass's workspace instead."""
+    encoder = small_encoder(window=3)  # windowed blocks and one global block (larger bias)
+
+    class Holder(torch.nn.Module):
+        image_encoder = encoder
+
+    sam_models.use_fused_attention(Holder())
+    real_get, buffers = sam_models._Workspace.get, []
+
+    def recording_get(self, role, shape, like):
+        tensor = real_get(self, role, shape, like)
+        if role == "attention_bias":
+            buffers.append(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    monkeypatch.setattr(sam_models._Workspace, "get", recording_get)
+    with torch.inference_mode():
+        encoder(torch.randn(1, 3, 128, 128))
+    assert len(buffers) == len(encoder.blocks), "every block's bias comes from the workspace"
+    assert len(set(buffers)) <= 2, "allocated once, and once more when the global block needs more"
+
+
 def test_fused_attention_keeps_parameters_and_state_dict_keys():
     encoder = small_encoder(window=4)
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
