@@ -28,7 +28,9 @@ out-of-order events leave memory = f(current annotations).
 Which regions are learnt: brush / polygon / rectangle results of the config's output controls.
 Regions of a *smart* control (e.g. the rectangle drawn to prompt SAM) are learnt only when the
 config has no other output control (the smart rectangle is then the annotation itself). The
-served prediction is read only when its ``model_version`` is ours (starts with ``"samsem"``).
+prediction the annotator corrected is found by :mod:`backend.served_predictions` (in the
+annotation when Label Studio put it there, else among the task's samsem predictions); another
+model's prediction is never read.
 """
 
 from __future__ import annotations
@@ -37,12 +39,13 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from backend.images import ImageFetchError
 from backend.jobs import Job
 from backend.messages import brief
-from backend.runtime import MODEL_VERSION_PREFIX, project_from_request, safe_id
+from backend.runtime import project_from_request, safe_id
+from backend.served_predictions import served_prediction, timestamp
 from samsem_plugin.label_config import ProjectConfig
 from samsem_plugin.ls_format import results_to_annotated, results_to_served
 from samsem_plugin.memory import Exemplar
@@ -190,17 +193,6 @@ def _jobs_for(action: str, project: str | None, body: Mapping[str, Any]) -> list
 # -- timestamps ------------------------------------------------------------------------------
 
 
-def _timestamp(value: Any) -> datetime | None:
-    """``updated_at`` (ISO 8601, ``Z`` allowed) as an aware datetime, or None if absent/unparsable."""
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=datetime.now().astimezone().tzinfo)
-
-
 def store_version(updated_at: Any) -> str | None:
     """``updated_at`` as the store's version (UTC ISO 8601), or None when absent or unparsable."""
     if not isinstance(updated_at, str):
@@ -218,7 +210,7 @@ def is_stale(event_updated_at: Any, learnt: Any) -> bool:
     """
     if learnt == DELETED:
         return True
-    event_time, learnt_time = _timestamp(event_updated_at), _timestamp(learnt)
+    event_time, learnt_time = timestamp(event_updated_at), timestamp(learnt)
     return event_time is not None and learnt_time is not None and event_time <= learnt_time
 
 
@@ -358,12 +350,8 @@ class LearningHandler:
         """Exemplars of one (not cancelled) annotation of ``task``; ``[]`` when it has no regions."""
         config = self._config(project)
         results = annotation.get("result") or []
-        prediction = annotation.get("prediction")
-        served_results: list = []
-        if isinstance(prediction, Mapping) and str(prediction.get("model_version", "")).startswith(
-            MODEL_VERSION_PREFIX
-        ):
-            served_results = prediction.get("result") or []
+        prediction = served_prediction(annotation, task, self._task_predictions)
+        served_results = [] if prediction is None else prediction["result"]
         if not results and not served_results:
             return []
         if not isinstance(results, list) or not isinstance(served_results, list):
@@ -380,6 +368,26 @@ class LearningHandler:
         return self.runtime.pipeline.plan_learning(
             image, annotated, served, str(task["id"]), _id_of(annotation, "annotation")
         )
+
+    def _task_predictions(self, task_id: int) -> list:
+        """The task's predictions from ``/api/predictions/?task=`` (``[]`` when Label Studio is not
+        configured or cannot answer: the annotation is then learnt without its corrections, and a
+        warning is logged)."""
+        if self.runtime.fetcher.auth.base_url is None:
+            return []
+        try:
+            answer = self.runtime.fetcher.get_json("/api/predictions/", {"task": task_id})
+        except ImageFetchError as error:
+            logger.warning("task %s: predictions not read, corrections not learnt: %s", task_id, error)
+            self.runtime.metrics.count_prediction_lookup("error")
+            return []
+        predictions = answer.get("results") if isinstance(answer, Mapping) else answer
+        if not isinstance(predictions, list):
+            logger.warning("task %s: /api/predictions/ answered no list, corrections not learnt", task_id)
+            self.runtime.metrics.count_prediction_lookup("error")
+            return []
+        self.runtime.metrics.count_prediction_lookup("ok")
+        return predictions
 
     def _config(self, project: str) -> ProjectConfig:
         config = self.runtime.label_config(project)

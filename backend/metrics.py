@@ -8,6 +8,8 @@ Series (times in seconds, sizes in bytes):
 * ``samsem_model_version_info{project,model_version}``: 1 for the version last served;
 * ``samsem_learn_queue_length``: learning jobs waiting (callback);
 * ``samsem_learn_jobs_total{kind,outcome}``: finished learning jobs (outcome ok | error);
+* ``samsem_prediction_lookups_total{outcome}``: reads of a task's predictions from Label Studio
+  to find the prediction an annotator corrected (outcome ok | error);
 * ``samsem_requests_total{route,status}`` and ``samsem_request_seconds{route}`` (histogram);
 * ``samsem_stage_seconds{stage}`` (histogram; stages in :data:`STAGES`);
 * ``samsem_cache_bytes{cache}``, ``samsem_cache_capacity_bytes{cache}``,
@@ -141,6 +143,12 @@ class Metrics:
         self.learn_jobs = Counter(
             "samsem_learn_jobs", "Finished learning jobs.", ["kind", "outcome"], registry=self.registry
         )
+        self.prediction_lookups = Counter(
+            "samsem_prediction_lookups",
+            "Reads of a task's predictions from Label Studio.",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.requests = Counter(
             "samsem_requests", "HTTP requests answered.", ["route", "status"], registry=self.registry
         )
@@ -224,6 +232,10 @@ class Metrics:
     def count_learn_job(self, kind: str, outcome: str) -> None:
         """One finished learning job of ``kind`` with ``outcome`` ("ok" or "error")."""
         self.learn_jobs.labels(kind, outcome).inc()
+
+    def count_prediction_lookup(self, outcome: str) -> None:
+        """One read of a task's predictions from Label Studio with ``outcome`` ("ok" or "error")."""
+        self.prediction_lookups.labels(outcome).inc()
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         """One answered request: ``route`` is the route name (not the raw path), ``status`` the HTTP

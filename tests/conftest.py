@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
@@ -75,11 +76,19 @@ FIXTURE_IMAGE_PATHS = (
 
 class FakeLabelStudio:
     """A loopback HTTP server playing Label Studio: task images (and API answers) behind
-    ``Authorization: Token <API_TOKEN>``; anything else answers 401."""
+    ``Authorization: Token <API_TOKEN>``; anything else answers 401. ``/api/predictions/?task=ID``
+    answers ``predictions[ID]`` (``[]`` for a task without any)."""
 
     def __init__(self) -> None:
         self.server = LoopbackHTTPServer()
         self.images: dict[str, np.ndarray] = {}
+        self.predictions: dict[int, list[dict]] = {}
+        self.add_route("/api/predictions/", self._predictions_of_task)
+
+    def _predictions_of_task(self, request: RecordedRequest) -> Response:
+        task = int(parse_qs(urlsplit(request.path).query)["task"][0])
+        body = json.dumps(self.predictions.get(task, [])).encode()
+        return Response(body=body, headers={"Content-Type": "application/json"})
 
     def add_image(self, path: str, image: np.ndarray) -> str:
         self.images[path] = image

@@ -212,6 +212,86 @@ def test_a_relabelled_served_prediction_teaches_a_negative(learner):
     assert kinds(client) == {"positive": 2.0, "negative": 1.0}, "another model's prediction is not read"
 
 
+def listed_prediction(prediction_id, model_version, created_at, label="Cat"):
+    """A prediction as ``/api/predictions/?task=`` lists it."""
+    return {
+        "id": prediction_id,
+        "model_version": model_version,
+        "created_at": created_at,
+        "result": [brush("t1-brush-0", label, disc_mask())],
+        "score": 0.5,
+    }
+
+
+def test_the_corrected_prediction_is_found_among_the_tasks_when_label_studio_leaves_it_out(
+    learner, label_studio, monkeypatch
+):
+    """Label Studio fills ``annotation.prediction`` only for the project's model-version setting
+    (the backend's title by default), so the captured webhooks carry ``{}``: the prediction the
+    annotator saw is the newest samsem one made before the annotation."""
+    client, runtime = learner
+    created = load_fixture("webhook_annotation_created_brush")["annotation"]["created_at"]
+    assert created.startswith("2026-11-21T22:35:31")
+    monkeypatch.setitem(
+        label_studio.predictions,
+        1,
+        [
+            listed_prediction(1, "samsem-abc123-1", "2026-11-21T22:30:00Z", label="Dog"),
+            listed_prediction(2, "samsem-abc123-2", "2026-11-21T22:35:00Z", label="Cat"),  # seen
+            listed_prediction(3, "other-model", "2026-11-21T22:35:10Z", label="Dog"),
+            listed_prediction(4, "samsem-abc123-3", "2026-11-21T22:40:00Z", label="Dog"),  # after it
+        ],
+    )
+    relabelled = [brush("t1-brush-0", "Dog", disc_mask(), origin="prediction-changed")]
+    body = annotation_event("ANNOTATION_CREATED", 40, 1, relabelled, at(40))
+    assert body["annotation"]["prediction"] == {} and body["task"]["total_predictions"] == 1
+    lookups = len(label_studio.requests_to("/api/predictions/"))
+    send(client, runtime, body)
+    assert exemplars(client) == {"Dog": 1.0}
+    assert kinds(client) == {"positive": 1.0, "negative": 1.0}, "Cat -> Dog teaches a negative for Cat"
+    assert len(label_studio.requests_to("/api/predictions/")) == lookups + 1
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'samsem_prediction_lookups_total{outcome="ok"} 1.0' in text
+
+
+def test_parent_prediction_names_the_corrected_prediction(learner, label_studio, monkeypatch):
+    client, runtime = learner
+    monkeypatch.setitem(
+        label_studio.predictions,
+        2,
+        [
+            listed_prediction(7, "samsem-abc123-1", "2026-11-21T22:30:00Z", label="Cat"),  # the parent
+            listed_prediction(8, "samsem-abc123-2", "2026-11-21T22:35:00Z", label="Dog"),  # newer
+        ],
+    )
+    relabelled = [brush("t1-brush-0", "Dog", disc_mask(), origin="prediction-changed")]
+    body = annotation_event("ANNOTATION_CREATED", 41, 2, relabelled, at(41))
+    body["annotation"]["parent_prediction"] = 7
+    send(client, runtime, body)
+    assert kinds(client) == {"positive": 1.0, "negative": 1.0}, "relabelled from the parent's Cat"
+
+
+def test_a_task_without_predictions_is_not_looked_up(learner, label_studio):
+    client, runtime = learner
+    body = annotation_event("ANNOTATION_CREATED", 42, 3, [brush("x", "Dog", square_mask())], at(42))
+    body["task"]["total_predictions"] = 0
+    lookups = len(label_studio.requests_to("/api/predictions/"))
+    send(client, runtime, body)
+    assert exemplars(client) == {"Dog": 1.0}
+    assert len(label_studio.requests_to("/api/predictions/")) == lookups
+
+
+def test_an_unreadable_prediction_list_still_learns_the_annotation(learner, label_studio, monkeypatch):
+    client, runtime = learner
+    monkeypatch.setitem(label_studio.server.routes, "/api/predictions/", lambda request: Response(status=500))
+    relabelled = [brush("t1-brush-0", "Dog", disc_mask(), origin="prediction-changed")]
+    send(client, runtime, annotation_event("ANNOTATION_CREATED", 43, 1, relabelled, at(43)))
+    assert runtime.queue.failed == 0
+    assert kinds(client) == {"positive": 1.0}, "learnt without the correction, not lost"
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'samsem_prediction_lookups_total{outcome="error"} 1.0' in text
+
+
 def test_a_cancelled_annotation_teaches_nothing(learner):
     client, runtime = learner
     send(client, runtime, cat_and_dog(10, 1, second=1))

@@ -775,6 +775,14 @@ class BackendClient:
             if labels.get("project") == str(project_id) and value
         }
 
+    def exemplar_kinds(self, project_id: int) -> dict[str, int]:
+        """``samsem_exemplars_by_kind{project,kind}``: stored exemplars per kind (zeros left out)."""
+        return {
+            labels["kind"]: int(value)
+            for labels, value in self.metric_samples("samsem_exemplars_by_kind")
+            if labels.get("project") == str(project_id) and value
+        }
+
 
 # --------------------------------------------------------------------------- steps
 

@@ -9,13 +9,16 @@ the service's ``/metrics``:
 3. batch pre-annotation ("Retrieve predictions"): one valid prediction per task, at the image's size;
 4. a smart keypoint: one mask that contains the click, labelled with the annotator's choice;
 5. annotations created / updated / deleted reach the memory through the webhook; the model version
-   moves and Label Studio re-predicts; "Start training" rebuilds the memory from Label Studio.
+   moves and Label Studio re-predicts; "Start training" rebuilds the memory from Label Studio;
+6. a predicted region relabelled in a new annotation teaches a negative exemplar (Label Studio
+   leaves ``annotation.prediction`` empty: the service finds the prediction among the task's).
 
 Run alone with ``.venv/bin/pytest -m e2e tests/e2e -x -s`` (``-s`` prints the timings).
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import time
 from collections import Counter
@@ -431,6 +434,36 @@ def test_label_studio_drives_samsem_backend(
             lambda seen: seen == (trainings_before + 1, {"Disc": 2, "Square": 2}),
             timeout=LEARNING_TIMEOUT_S,
             what="one more finished training job and samsem_exemplars = {'Disc': 2, 'Square': 2}",
+        )
+
+    with steps.step("learning: a relabelled prediction teaches a negative"):
+        # Label Studio leaves annotation.prediction empty (its model-version setting is the backend's
+        # title): the service finds the prediction the annotator corrected among the task's own.
+        labelled = [
+            (task_id, region)
+            for task_id in scene_of
+            for region in ls_client.predictions(task_id)[-1]["result"]
+            if region["type"] == "brushlabels" and region_labels(region)
+        ]
+        assert labelled, "the re-predicted tasks hold no labelled brush region"
+        task_id, region = labelled[0]
+        served_label = region_labels(region)[0]
+        other = next(label for label in LABELS if label != served_label)
+        relabelled = copy.deepcopy(region)
+        relabelled["value"]["brushlabels"] = [other]
+        relabelled["origin"] = "prediction-changed"
+        kinds_before = service.exemplar_kinds(project_id)
+        ls_client.create_annotation(task_id, [relabelled])
+        # a negative for the served label (and for the other served labelled regions, left out of
+        # the annotation: deleted); without the served prediction only the positive is learnt
+        harness.wait_until(
+            lambda: service.exemplar_kinds(project_id),
+            lambda kinds: (
+                kinds.get("positive", 0) > kinds_before.get("positive", 0)
+                and kinds.get("negative", 0) > kinds_before.get("negative", 0)
+            ),
+            timeout=LEARNING_TIMEOUT_S,
+            what=f"more positive and negative exemplars ({served_label} -> {other}) than {kinds_before}",
         )
 
     steps.timings["drive (total)"] = time.monotonic() - drive_started
