@@ -8,12 +8,15 @@ that setting becomes the backend's *title*, while samsem's predictions carry
 and the served prediction has to be found among the task's predictions:
 
 1. ``annotation.prediction`` when it is a samsem prediction;
-2. else among the samsem predictions of the task (``task["predictions"]`` when the task carries
-   them, else ``GET /api/predictions/?task=<id>``, asked only when Label Studio says the task has
-   predictions or the annotation names a ``parent_prediction``): the one whose id is the
-   annotation's ``parent_prediction`` (set when the editor created the annotation from a
-   prediction), else the newest one created no later than the annotation (Label Studio shows the
-   newest prediction of the connected backend).
+2. else, when the annotation shows that it was made from a prediction (a ``parent_prediction``,
+   or a region whose ``origin`` is ``"prediction"`` / ``"prediction-changed"``: the editor marks
+   every region it submits, annotations created through the API carry no origin and were not
+   made by reviewing a prediction), among the samsem predictions of the task
+   (``task["predictions"]`` when the task carries them, else ``GET /api/predictions/?task=<id>``,
+   asked only when Label Studio says the task has predictions or a ``parent_prediction`` is
+   named): the one whose id is the annotation's ``parent_prediction``, else the newest one
+   created no later than the annotation (Label Studio shows the newest prediction of the
+   connected backend).
 
 Timestamps are ISO 8601 strings (``Z`` allowed); ids are Label Studio's integers.
 """
@@ -56,6 +59,21 @@ def _integer(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+REVIEWED_ORIGINS = ("prediction", "prediction-changed")
+"""Region origins the editor gives to regions that came from a prediction."""
+
+
+def made_from_a_prediction(annotation: Mapping[str, Any]) -> bool:
+    """True when ``annotation`` names a ``parent_prediction`` or holds a region whose ``origin`` is
+    one of :data:`REVIEWED_ORIGINS`."""
+    if _integer(annotation.get("parent_prediction")) is not None:
+        return True
+    results = annotation.get("result")
+    return isinstance(results, list) and any(
+        isinstance(region, Mapping) and region.get("origin") in REVIEWED_ORIGINS for region in results
+    )
+
+
 def _might_have_predictions(annotation: Mapping[str, Any], task: Mapping[str, Any]) -> bool:
     count = _integer(task.get("total_predictions"))
     return (count is not None and count > 0) or _integer(annotation.get("parent_prediction")) is not None
@@ -92,6 +110,8 @@ def served_prediction(
     own = annotation.get("prediction")
     if is_samsem_prediction(own):
         return own
+    if not made_from_a_prediction(annotation):
+        return None
     predictions = task.get("predictions")
     if not isinstance(predictions, list):
         task_id = _integer(task.get("id"))

@@ -281,6 +281,23 @@ def test_a_task_without_predictions_is_not_looked_up(learner, label_studio):
     assert len(label_studio.requests_to("/api/predictions/")) == lookups
 
 
+def test_an_annotation_created_through_the_api_is_not_compared_with_a_prediction(
+    learner, label_studio, monkeypatch
+):
+    """No region origin, no parent_prediction: nobody reviewed a prediction, so the task's
+    predictions are not read and no served region counts as deleted (no negatives, no background)."""
+    client, runtime = learner
+    monkeypatch.setitem(
+        label_studio.predictions, 1, [listed_prediction(9, "samsem-abc123-1", "2026-11-21T22:30:00Z")]
+    )
+    imported = annotation_event("ANNOTATION_CREATED", 44, 1, [brush("x", "Dog", square_mask())], at(44))
+    assert imported["task"]["total_predictions"] == 1
+    lookups = len(label_studio.requests_to("/api/predictions/"))
+    send(client, runtime, imported)
+    assert kinds(client) == {"positive": 1.0}
+    assert len(label_studio.requests_to("/api/predictions/")) == lookups
+
+
 def test_an_unreadable_prediction_list_still_learns_the_annotation(learner, label_studio, monkeypatch):
     client, runtime = learner
     monkeypatch.setitem(label_studio.server.routes, "/api/predictions/", lambda request: Response(status=500))

@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import pytest
 
-from backend.served_predictions import choose_served, is_samsem_prediction, served_prediction, timestamp
+from backend.served_predictions import (
+    choose_served,
+    is_samsem_prediction,
+    made_from_a_prediction,
+    served_prediction,
+    timestamp,
+)
 
 
 def prediction(prediction_id, created_at, model_version="samsem-x-1"):
     return {"id": prediction_id, "model_version": model_version, "created_at": created_at, "result": []}
 
 
-ANNOTATION = {"id": 5, "created_at": "2026-01-01T12:00:00Z", "prediction": {}, "parent_prediction": None}
+ANNOTATION = {
+    "id": 5,
+    "created_at": "2026-01-01T12:00:00Z",
+    "prediction": {},
+    "parent_prediction": None,
+    "result": [{"id": "t9-brush-0", "origin": "prediction-changed"}],
+}
 TASK = {"id": 9, "total_predictions": 2}
 
 
@@ -55,6 +67,19 @@ def test_a_parent_prediction_is_looked_up_even_without_a_prediction_count():
     assert served_prediction(ANNOTATION | {"parent_prediction": 4}, {"id": 9}, listing) is parent
     assert asked == [9]
     assert served_prediction(ANNOTATION, TASK, None) is None, "no Label Studio: nothing to ask"
+
+
+def test_annotations_not_made_from_a_prediction_are_not_compared_with_one():
+    """Created through the API (no origin) or drawn from scratch: nobody reviewed a prediction,
+    so no served region may count as deleted."""
+    for results in ([{"id": "a"}], [{"id": "a", "origin": "manual"}], [], None):
+        annotation = ANNOTATION | {"result": results}
+        assert not made_from_a_prediction(annotation)
+        assert served_prediction(annotation, TASK, never_called) is None
+    accepted = ANNOTATION | {"result": [{"id": "a", "origin": "manual"}, {"id": "b", "origin": "prediction"}]}
+    assert made_from_a_prediction(accepted)
+    assert made_from_a_prediction(ANNOTATION | {"result": [], "parent_prediction": 3})
+    assert not made_from_a_prediction(ANNOTATION | {"result": [], "parent_prediction": True})
 
 
 def test_the_newest_prediction_made_before_the_annotation_is_chosen():
