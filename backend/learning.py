@@ -359,10 +359,11 @@ class LearningHandler:
         check_result_sizes(results + served_results, self.runtime.settings.max_image_pixels)
         image = self.runtime.task_image(task, config)
         height, width = image.shape[:2]
+        learnt_controls = learnable_controls(config)
         annotated = [
             region
             for region in results_to_annotated(results, height, width, config)
-            if region.control in learnable_controls(config)
+            if region.control in learnt_controls
         ]
         served = results_to_served(served_results, height, width, config)
         return self.runtime.pipeline.plan_learning(
@@ -375,15 +376,14 @@ class LearningHandler:
         warning is logged)."""
         if self.runtime.fetcher.auth.base_url is None:
             return []
+        path = "/api/predictions/"
         try:
-            answer = self.runtime.fetcher.get_json("/api/predictions/", {"task": task_id})
+            answer = self.runtime.fetcher.get_json(path, {"task": task_id})
+            predictions = answer.get("results") if isinstance(answer, Mapping) else answer
+            if not isinstance(predictions, list):
+                raise ImageFetchError(path, "Label Studio answered no list of predictions", status=200)
         except ImageFetchError as error:
             logger.warning("task %s: predictions not read, corrections not learnt: %s", task_id, error)
-            self.runtime.metrics.count_prediction_lookup("error")
-            return []
-        predictions = answer.get("results") if isinstance(answer, Mapping) else answer
-        if not isinstance(predictions, list):
-            logger.warning("task %s: /api/predictions/ answered no list, corrections not learnt", task_id)
             self.runtime.metrics.count_prediction_lookup("error")
             return []
         self.runtime.metrics.count_prediction_lookup("ok")

@@ -298,9 +298,14 @@ def test_an_annotation_created_through_the_api_is_not_compared_with_a_prediction
     assert len(label_studio.requests_to("/api/predictions/")) == lookups
 
 
-def test_an_unreadable_prediction_list_still_learns_the_annotation(learner, label_studio, monkeypatch):
+@pytest.mark.parametrize(
+    "answer", [Response(status=500), Response(body=b'{"detail": "not a list"}')], ids=["500", "no list"]
+)
+def test_an_unreadable_prediction_list_still_learns_the_annotation(
+    learner, label_studio, monkeypatch, answer
+):
     client, runtime = learner
-    monkeypatch.setitem(label_studio.server.routes, "/api/predictions/", lambda request: Response(status=500))
+    monkeypatch.setitem(label_studio.server.routes, "/api/predictions/", lambda request: answer)
     relabelled = [brush("t1-brush-0", "Dog", disc_mask(), origin="prediction-changed")]
     send(client, runtime, annotation_event("ANNOTATION_CREATED", 43, 1, relabelled, at(43)))
     assert runtime.queue.failed == 0
